@@ -1,0 +1,36 @@
+# pertscale: every target creates and uses .venv at the repository root.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: venv quickstart test test-fast bench-ingest clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==23.2.1 setuptools wheel
+	# NOTE: torch first, pinned to the CPU wheel; the project range keeps it.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+quickstart: $(STAMP)
+	$(BIN)/pertscale quickstart --config configs/quickstart.toml
+
+# NOTE: pytest exits 5 when it collected no test; that is a failure here, said in words.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+bench-ingest: $(STAMP)
+	$(BIN)/pertscale bench ingest --n-cells 200000
+
+clean:
+	rm -rf $(VENV) storage/stores storage/mlflow storage/checkpoints storage/runs

@@ -1,0 +1,5 @@
+import sys
+
+from pertscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,25 @@
+"""`pertscale bench <name>`: benchmark commands. Each prints a table and writes JSON."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES: dict[str, str] = {
+    "ingest": "pertscale.store.bench:main",
+    "loader": "pertscale.data.bench:main",
+    "train": "pertscale.training.bench:main",
+}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: pertscale bench {{{','.join(BENCHES)}}} [args]")
+        return 0
+    name = argv[0]
+    if name not in BENCHES:
+        print(f"pertscale bench: unknown benchmark {name!r}; choices: {sorted(BENCHES)}",
+              file=sys.stderr)
+        return 2
+    module, func = BENCHES[name].split(":")
+    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)

@@ -1,0 +1,45 @@
+"""The batch contract: every key a loader, tokenizer, model or training loop exchanges.
+
+Loader (CSR minibatch, numpy arrays; B = cells in the batch, N = nonzeros in the batch):
+    CELL_INDEX  int64 [B]    global row of each cell in the store / collection
+    INDPTR      int64 [B+1]  CSR row pointers into INDICES / VALUES
+    INDICES     int32 [N]    gene index into the store's `var` (or the collection's vocab)
+    VALUES      float32 [N]  stored values (raw counts or normalised, see store attrs)
+    OBS         dict[str, ndarray [B]] obs columns (integer codes for categoricals)
+
+Tokens (torch tensors; padded layout uses [B, L], packed layout uses [T] = sum of lengths):
+    GENE_IDS       int64  [B, L] | [T]  vocabulary token ids, <cls> first in every cell
+    VALUE_IDS      int64  [B, L] | [T]  input value bins after masking (mask -> MASK_VALUE)
+    TARGET_VALUES  float32[B, L] | [T]  unmasked value bins (regression targets)
+    MASKED         bool   [B, L] | [T]  True where the value was hidden (loss positions)
+    PADDING_MASK   bool   [B, L]        True at pad positions (padded layout only)
+    CU_SEQLENS     int32  [B+1]         cumulative lengths (packed layout only)
+    MAX_SEQLEN     int                  longest sequence in a packed batch
+    CONDITION_IDS  int64  [B]           optional condition / batch label per cell
+"""
+
+CELL_INDEX = "cell_index"
+INDPTR = "indptr"
+INDICES = "indices"
+VALUES = "values"
+OBS = "obs"
+
+GENE_IDS = "gene_ids"
+VALUE_IDS = "value_ids"
+TARGET_VALUES = "target_values"
+MASKED = "masked"
+PADDING_MASK = "padding_mask"
+CU_SEQLENS = "cu_seqlens"
+MAX_SEQLEN = "max_seqlen"
+CONDITION_IDS = "condition_ids"
+
+# Special tokens of every gene vocabulary, in this order, before the genes.
+PAD_TOKEN = "<pad>"
+CLS_TOKEN = "<cls>"
+MASK_TOKEN = "<mask>"
+SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, MASK_TOKEN)
+PAD_ID, CLS_ID, MASK_ID = 0, 1, 2
+
+# Value-bin conventions (scGPT): bin 0 = zero expression; masked inputs carry MASK_VALUE.
+MASK_VALUE = -1
+PAD_VALUE = -2

@@ -1,0 +1,25 @@
+"""Where pertscale keeps things on disk by default (the embedded default root)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["storage_root", "default_tracking_uri"]
+
+
+def storage_root() -> Path:
+    """Root for stores, the MLflow database and artifacts, checkpoints and run outputs:
+    env PERTSCALE_STORAGE if set, else ./storage (the repository's storage/ when run from it)."""
+    return Path(os.environ.get("PERTSCALE_STORAGE", "storage")).resolve()
+
+
+def default_tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (a real server on a cluster), else the embedded SQLite
+    database under the storage root."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    db = storage_root() / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"

@@ -1,0 +1,20 @@
+"""MLflow tracking (rank 0, never fatal) and the model registry (log, register, alias, pull)."""
+
+from pertscale.tracking.logger import RunLogger, TrackingConfig, resolve_tracking_uri
+from pertscale.tracking.registry import (
+    PulledModel,
+    RegistryError,
+    code_version,
+    load_model_dir,
+    log_model,
+    parse_model_uri,
+    pull_model,
+    registered_name,
+    save_model_dir,
+)
+
+__all__ = [
+    "RunLogger", "TrackingConfig", "resolve_tracking_uri", "PulledModel", "RegistryError",
+    "code_version", "load_model_dir", "log_model", "parse_model_uri", "pull_model",
+    "registered_name", "save_model_dir",
+]

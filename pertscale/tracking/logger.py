@@ -1,0 +1,173 @@
+"""MLflow run logging that never stops training.
+
+Only rank 0 (or the driver) creates a `RunLogger`. Every call catches its own failure, warns once
+and turns the logger off: a tracking server that is down costs a warning, never a training run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pertscale.config import Config, flatten_dict
+from pertscale.paths import default_tracking_uri, storage_root
+
+__all__ = ["TrackingConfig", "RunLogger", "resolve_tracking_uri"]
+
+log = logging.getLogger(__name__)
+
+# NOTE: MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+_MAX_PARAMS_PER_CALL = 100
+_MAX_PARAM_LEN = 6000
+
+
+@dataclasses.dataclass
+class TrackingConfig(Config):
+    uri: str = ""
+    """MLflow tracking URI; empty = env MLFLOW_TRACKING_URI, else sqlite under storage/mlflow."""
+    experiment: str = "pertscale"
+    """MLflow experiment name."""
+    enabled: bool = True
+    """Turn all tracking off (nothing is logged, nothing registered)."""
+    register: bool = True
+    """Register trained models as pertscale-<model> in the model registry."""
+
+
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    return cfg.uri or default_tracking_uri()
+
+
+def _server_reachable(uri: str, timeout: float = 3.0) -> bool:
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return True
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _experiment_id(client, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:") or "://" not in uri:
+        # Embedded default: keep artifacts beside the database, under the storage root.
+        artifact_location = (storage_root() / "mlflow" / "artifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+class RunLogger:
+    """One MLflow run. `run_id` attaches to a run created elsewhere (the driver creates the run,
+    rank 0 of the workers logs into it); only a logger that created its run ends it."""
+
+    def __init__(self, cfg: TrackingConfig, *, run_name: str = "", tags: dict[str, str] | None = None,
+                 run_id: str | None = None):
+        self.cfg = cfg
+        self.uri = resolve_tracking_uri(cfg)
+        self.run_id: str | None = None
+        self._client = None
+        self._owns_run = run_id is None
+        if not cfg.enabled:
+            return
+        if not _server_reachable(self.uri):
+            self._disable(f"tracking server {self.uri} is unreachable")
+            return
+        try:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+            if run_id is None:
+                exp_id = _experiment_id(self._client, cfg.experiment, self.uri)
+                run = self._client.create_run(exp_id, run_name=run_name or None, tags=tags or {})
+                self.run_id = run.info.run_id
+            else:
+                self.run_id = self._client.get_run(run_id).info.run_id
+        except Exception as e:  # noqa: BLE001 - any tracking failure is non-fatal by contract
+            self._disable(f"could not start an MLflow run at {self.uri}: {e}")
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self._client is not None and self.run_id is not None
+
+    @property
+    def client(self):
+        return self._client
+
+    def _disable(self, why: str) -> None:
+        message = f"MLflow tracking disabled: {why}; training goes on without it"
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        log.warning(message)
+        self._client = None
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        if not self.active:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            self._disable(f"{what} failed: {e}")
+            return None
+
+    # -- logging -------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_dict(params)
+        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(flat.items())]
+        for i in range(0, len(items), _MAX_PARAMS_PER_CALL):
+            self._call("log_params", self._client_call, "log_batch", self.run_id,
+                       params=items[i:i + _MAX_PARAMS_PER_CALL])
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
+        if items:
+            self._call("log_metrics", self._client_call, "log_batch", self.run_id, metrics=items)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self._call("set_tag", self._client_call, "set_tag", self.run_id, k, str(v))
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        method = "log_artifacts" if path.is_dir() else "log_artifact"
+        self._call(method, self._client_call, method, self.run_id, str(path), artifact_path)
+
+    def log_dict(self, obj: Any, name: str) -> None:
+        self._call("log_dict", self._client_call, "log_dict", self.run_id, obj, name)
+
+    def log_text(self, text: str, name: str) -> None:
+        self._call("log_text", self._client_call, "log_text", self.run_id, text, name)
+
+    def log_figure(self, fig, name: str) -> None:
+        self._call("log_figure", self._client_call, "log_figure", self.run_id, fig, name)
+
+    def _client_call(self, method: str, *args, **kwargs):
+        return getattr(self._client, method)(*args, **kwargs)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self._owns_run:
+            self._call("end_run", self._client_call, "set_terminated", self.run_id, status)
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type is not None else "FINISHED")
