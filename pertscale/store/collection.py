@@ -1,0 +1,207 @@
+"""Collections: several member stores read as one, in one union gene space.
+
+Layout: a parent zarr group whose attributes list the members (relative paths, usually
+`members/<name>`, each a complete store) and the union gene vocabulary (first-seen order, so the
+first member's genes keep their indices). Cells are the members' cells in member order. Reading
+maps each member's gene indices into the union space; rows come back with sorted indices.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pertscale.store.format import (
+    COLLECTION_NAME,
+    FORMAT_VERSION,
+    StoreError,
+    group_meta,
+    local_path,
+    open_kvstore,
+    write_json,
+)
+from pertscale.store.reader import CellStore, open_store
+from pertscale.store.vocab import GeneVocab, union_genes
+
+__all__ = ["DATASET_COLUMN", "CellCollection", "write_collection"]
+
+DATASET_COLUMN = "dataset"  # obs column naming each cell's member (added when members lack it)
+
+
+def _member_name(path: str) -> str:
+    """members/003-kang2018 -> kang2018 (the input file's stem)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    head, _, rest = name.partition("-")
+    return rest if head.isdigit() and rest else name
+
+
+def _join(uri: str, path: str) -> str:
+    return uri.rstrip("/") + "/" + path
+
+
+def write_collection(uri: str, member_paths: list[str]) -> dict[str, Any]:
+    """Commit a collection at `uri` over complete member stores at `uri`/<member path>.
+    Returns the root attributes."""
+    if not member_paths:
+        raise ValueError("a collection needs at least one member store")
+    members = []
+    for path in member_paths:
+        store = open_store(_join(uri, path))
+        if not isinstance(store, CellStore):
+            raise StoreError(f"collection member {path} is itself a collection")
+        members.append((path, store))
+    raw = {s.raw_counts for _, s in members}
+    if len(raw) > 1:
+        kinds = {p: "raw counts" if s.raw_counts else "normalised" for p, s in members}
+        raise ValueError(f"collection members mix raw counts and normalised values: {kinds}")
+    genes = union_genes(s.var.index for _, s in members)
+    fp = hashlib.sha256("".join(s.fingerprint for _, s in members).encode()).hexdigest()
+    attrs = {
+        "pertscale_format": COLLECTION_NAME, "format_version": FORMAT_VERSION,
+        "members": [{"path": p, "n_cells": s.n_cells, "fingerprint": s.fingerprint,
+                     "source": s.attrs.get("source", {})} for p, s in members],
+        "genes": genes,
+        "n_cells": sum(s.n_cells for _, s in members), "n_genes": len(genes),
+        "nnz": sum(s.nnz for _, s in members), "raw_counts": raw.pop(),
+        "fingerprint": fp, "complete": True,
+    }
+    if local_path(uri) is None:
+        raise StoreError(f"collection {uri!r}: collections are written to a local path")
+    write_json(open_kvstore(uri), "zarr.json", group_meta(attrs))
+    return attrs
+
+
+class _MultiFuture:
+    """Reads of several members' row ranges; `.result()` stacks them in the union space."""
+
+    def __init__(self, parts: list[tuple[Any, np.ndarray]], n_genes: int, n_rows: int):
+        self._parts, self._n_genes, self._n_rows = parts, n_genes, n_rows
+
+    def done(self) -> bool:
+        return all(f.done() for f, _ in self._parts)
+
+    def result(self) -> sp.csr_matrix:
+        if not self._parts:
+            return sp.csr_matrix((self._n_rows, self._n_genes), dtype=np.float32)
+        blocks = []
+        for future, to_union in self._parts:
+            csr = future.result()
+            out = sp.csr_matrix((csr.data, to_union[csr.indices], csr.indptr),
+                                shape=(csr.shape[0], self._n_genes))
+            out.sort_indices()
+            blocks.append(out)
+        out = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        out.indices = out.indices.astype(np.int32, copy=False)
+        return out
+
+
+class CellCollection:
+    """Member stores read as one store in the union gene space (same API as CellStore)."""
+
+    def __init__(self, uri: str, attrs: dict[str, Any], *, cache_bytes: int = 64 << 20):
+        self.uri = uri
+        self.attrs = attrs
+        self.members: list[CellStore] = []
+        for m in attrs["members"]:
+            store = open_store(_join(uri, m["path"]), cache_bytes=cache_bytes)
+            if store.fingerprint != m["fingerprint"]:
+                raise StoreError(f"collection {uri}: member {m['path']} changed after the "
+                                 "collection was written (fingerprint mismatch)")
+            self.members.append(store)
+        self.member_paths = [m["path"] for m in attrs["members"]]
+        self.n_cells = int(attrs["n_cells"])
+        self.n_genes = int(attrs["n_genes"])
+        self.nnz = int(attrs["nnz"])
+        self.raw_counts = bool(attrs["raw_counts"])
+        self.fingerprint = str(attrs["fingerprint"])
+        self.vocab = GeneVocab(attrs["genes"])
+        pos = {g: i for i, g in enumerate(self.vocab.genes)}
+        self.gene_maps = [np.array([pos[g] for g in s.var.index], dtype=np.int32)
+                          for s in self.members]
+        self.cell_offsets = np.cumsum([0] + [s.n_cells for s in self.members])
+        nnz_offsets = np.cumsum([0] + [s.nnz for s in self.members])
+        self.indptr = np.concatenate([s.indptr[:-1] + o for s, o in
+                                      zip(self.members, nnz_offsets)] + [[self.nnz]])
+
+    def __repr__(self) -> str:
+        return (f"CellCollection({self.uri!r}, {len(self.members)} members, "
+                f"n_cells={self.n_cells}, n_genes={self.n_genes})")
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def read_csr_async(self, start: int, stop: int) -> _MultiFuture:
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_cells:
+            raise ValueError(f"cell range [{start}, {stop}) is outside [0, {self.n_cells}) "
+                             f"of collection {self.uri}")
+        parts = []
+        for i, store in enumerate(self.members):
+            lo = max(start, self.cell_offsets[i])
+            hi = min(stop, self.cell_offsets[i + 1])
+            if lo < hi:
+                off = self.cell_offsets[i]
+                parts.append((store.read_csr_async(lo - off, hi - off), self.gene_maps[i]))
+        return _MultiFuture(parts, self.n_genes, stop - start)
+
+    def read_csr(self, start: int, stop: int) -> sp.csr_matrix:
+        return self.read_csr_async(start, stop).result()
+
+    @functools.cached_property
+    def var(self) -> pd.DataFrame:
+        """Union genes; gene_symbol from the first member that has the gene."""
+        symbols = {}
+        for store in reversed(self.members):
+            symbols.update(zip(store.var.index, store.var["gene_symbol"]))
+        genes = self.vocab.genes
+        return pd.DataFrame({"gene_symbol": [symbols[g] for g in genes]},
+                            index=pd.Index(genes, dtype=object))
+
+    @functools.cached_property
+    def obs(self) -> pd.DataFrame:
+        """Members' obs concatenated (categories unioned); a "dataset" column names the member
+        of each cell where the members do not carry one."""
+        frames = []
+        for path, store in zip(self.member_paths, self.members):
+            obs = store.obs.copy()
+            if DATASET_COLUMN not in obs.columns:
+                obs[DATASET_COLUMN] = _member_name(path)
+            frames.append(obs)
+        columns = list(dict.fromkeys(c for f in frames for c in f.columns))
+        dtypes = {}
+        for c in columns:
+            present = [f[c] for f in frames if c in f.columns]
+            if all(pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)
+                   for s in present):
+                continue
+            cats = dict.fromkeys(v for s in present for v in (
+                s.cat.categories if isinstance(s.dtype, pd.CategoricalDtype)
+                else pd.unique(s.dropna())))
+            dtypes[c] = pd.CategoricalDtype(list(cats))
+            for f in frames:
+                if c in f.columns:
+                    f[c] = f[c].astype(object).astype(dtypes[c])
+        out = pd.concat(frames, axis=0)
+        for c, dtype in dtypes.items():
+            out[c] = out[c].astype(object).astype(dtype)
+        return out
+
+    def read_stats(self) -> dict[str, np.ndarray]:
+        """Per-gene statistics summed over members in the union gene space."""
+        out = {k: np.zeros(self.n_genes) for k in
+               ("sum", "sum_sq", "seurat_sum", "seurat_sum_sq")}
+        out["nnz"] = np.zeros(self.n_genes, np.int64)
+        for store, to_union in zip(self.members, self.gene_maps):
+            for k, v in store.read_stats().items():
+                np.add.at(out[k], to_union, v)
+        return out
+
+    def gene_stats(self) -> pd.DataFrame:
+        s = self.read_stats()
+        return pd.DataFrame({"sum": s["sum"], "sum_sq": s["sum_sq"], "nnz": s["nnz"]},
+                            index=self.var.index)

@@ -1,0 +1,257 @@
+"""Ingest .h5ad files into a cell store (one file) or a collection (several files).
+
+The file is opened read-only with h5py and its matrix read through anndata's backed sparse
+datasets in row blocks, so memory stays bounded by one block plus the writer's shard buffers,
+whatever the file size. CSR and dense matrices are read block by block; a CSC matrix is
+converted per block (correct, but each block reads every column: slow for large files).
+
+A rerun of the same ingest (same file checksum and settings) on a complete store does nothing;
+an interrupted one (incomplete store) restarts cleanly; a complete store of other data at the
+output path is an error unless `overwrite`. For several inputs each member is one store under
+`OUT/members/`, so an interrupted collection ingest resumes with the first unfinished member.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import h5py
+import pandas as pd
+
+from pertscale.config import Config, check_choice, check_range
+from pertscale.store.collection import write_collection
+from pertscale.store.format import (
+    COLLECTION_NAME,
+    DEFAULT_CHUNK_VALUES,
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_SHARD_VALUES,
+    FORMAT_NAME,
+    group_meta,
+    open_kvstore,
+    read_json,
+    write_json,
+)
+from pertscale.store.writer import StoreWriter, prepare_output
+
+__all__ = ["IngestConfig", "file_sha256", "ingest", "ingest_h5ad"]
+
+VALUE_KINDS = ("raw_counts", "normalised")
+
+
+@dataclasses.dataclass
+class IngestConfig(Config):
+    """How .h5ad files become a store."""
+
+    values: str = "raw_counts"  # what the matrix holds: raw_counts (validated) or normalised
+    counts_from: str = "X"  # matrix to store: X, raw (.raw.X) or layer:NAME
+    obs_columns: list[str] | None = None  # obs columns to carry over (None = all)
+    gene_id_column: str = ""  # var column of gene ids, e.g. Ensembl ("" = the var index)
+    gene_symbol_column: str = ""  # var column of gene symbols ("" = gene_symbol or the index)
+    block_rows: int = 16384  # cells read from the file per block
+    chunk_values: int = DEFAULT_CHUNK_VALUES  # values per inner zarr chunk
+    shard_values: int = DEFAULT_SHARD_VALUES  # values per shard file of X/indices and X/data
+    compression_level: int = DEFAULT_COMPRESSION_LEVEL  # zstd level (1-22)
+    overwrite: bool = False  # replace a complete store of other data at the output path
+
+    def __post_init__(self) -> None:
+        check_choice("values", self.values, VALUE_KINDS)
+        if not (self.counts_from in ("X", "raw") or
+                (self.counts_from.startswith("layer:") and len(self.counts_from) > 6)):
+            raise ValueError(f"counts_from={self.counts_from!r} is not one of 'X', 'raw', "
+                             "'layer:NAME'")
+        check_range("block_rows", self.block_rows, 1)
+        check_range("chunk_values", self.chunk_values, 1)
+        check_range("shard_values", self.shard_values, self.chunk_values)
+        check_range("compression_level", self.compression_level, 1, 22)
+
+
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _open_matrix(f: h5py.File, path: Path, counts_from: str) -> tuple[Any, pd.DataFrame]:
+    """(row-sliceable matrix, var) for the configured source matrix of an open .h5ad."""
+    import anndata.io
+
+    if counts_from == "X":
+        key, var_key = "X", "var"
+    elif counts_from == "raw":
+        key, var_key = "raw/X", "raw/var"
+    else:
+        name = counts_from.split(":", 1)[1]
+        key, var_key = f"layers/{name}", "var"
+        if name not in f.get("layers", {}):
+            layers = sorted(f["layers"]) if "layers" in f else []
+            raise ValueError(f"{path}: layer {name!r} not found; layers: {layers}")
+    if key not in f:
+        raise ValueError(f"{path}: has no {key} matrix (counts_from={counts_from!r})")
+    elem = f[key]
+    encoding = elem.attrs.get("encoding-type", "array")
+    if isinstance(encoding, bytes):
+        encoding = encoding.decode()
+    if encoding in ("csr_matrix", "csc_matrix"):
+        matrix = anndata.io.sparse_dataset(elem)
+    elif isinstance(elem, h5py.Dataset) and elem.ndim == 2:
+        matrix = elem
+    else:
+        raise ValueError(f"{path}: {key} has unsupported encoding {encoding!r}")
+    var = anndata.io.read_elem(f[var_key])
+    if matrix.shape[1] != len(var):
+        raise ValueError(f"{path}: {key} has {matrix.shape[1]} columns but {var_key} has "
+                         f"{len(var)} genes")
+    return matrix, var
+
+
+def _select_obs(obs: pd.DataFrame, columns: list[str] | None, path: Path) -> pd.DataFrame:
+    if columns is None:
+        return obs
+    missing = [c for c in columns if c not in obs.columns]
+    if missing:
+        raise ValueError(f"{path}: obs column(s) {missing} not found; available: "
+                         f"{list(obs.columns)}")
+    return obs[columns]
+
+
+def _source(path: Path, cfg: IngestConfig) -> dict[str, Any]:
+    return {"file": path.name, "path": str(path.resolve()), "sha256": file_sha256(path),
+            "bytes": path.stat().st_size, "counts_from": cfg.counts_from, "values": cfg.values,
+            "obs_columns": cfg.obs_columns}
+
+
+def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("sha256", "counts_from", "values", "obs_columns")
+    return all(a.get(k) == b.get(k) for k in keys)
+
+
+def _existing_attrs(out: str) -> dict[str, Any]:
+    path = Path(out)
+    if not (path / "zarr.json").is_file():
+        return {}
+    return (read_json(open_kvstore(out), "zarr.json") or {}).get("attributes", {})
+
+
+def ingest_h5ad(path: str | Path, out: str | Path, cfg: IngestConfig | None = None,
+                *, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Ingest one .h5ad into a store at `out`; returns the store's root attributes."""
+    cfg = cfg or IngestConfig()
+    path, out = Path(path), str(out)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"input file {path} is empty")
+    source = _source(path, cfg)
+    existing = _existing_attrs(out)
+    if existing.get("pertscale_format") == FORMAT_NAME and existing.get("complete") \
+            and _same_source(existing.get("source", {}), source) and not cfg.overwrite:
+        return existing  # already ingested: same file, same settings
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable .h5ad file (truncated or not HDF5?): {e}") \
+            from None
+    with f:
+        try:
+            matrix, var = _open_matrix(f, path, cfg.counts_from)
+            import anndata.io
+            obs = anndata.io.read_elem(f["obs"]) if "obs" in f else None
+        except (KeyError, OSError) as e:
+            raise ValueError(f"{path}: cannot read as .h5ad (truncated file?): {e}") from None
+        n_cells = matrix.shape[0]
+        if n_cells == 0:
+            raise ValueError(f"{path} has no cells")
+        if obs is None or len(obs) != n_cells:
+            raise ValueError(f"{path}: obs has {0 if obs is None else len(obs)} rows for "
+                             f"{n_cells} cells")
+        obs = _select_obs(obs, cfg.obs_columns, path)
+        var = _gene_table(var, cfg, path)
+        with StoreWriter(out, var=var, raw_counts=cfg.values == "raw_counts", source=source,
+                         overwrite=cfg.overwrite, chunk_values=cfg.chunk_values,
+                         shard_values=cfg.shard_values,
+                         compression_level=cfg.compression_level) as writer:
+            for start in range(0, n_cells, cfg.block_rows):
+                stop = min(start + cfg.block_rows, n_cells)
+                try:
+                    block = matrix[start:stop]
+                except OSError as e:
+                    raise ValueError(f"{path}: cannot read rows {start}-{stop} (truncated "
+                                     f"file?): {e}") from None
+                writer.append(block, obs.iloc[start:stop])
+                if progress is not None:
+                    progress(stop, n_cells)
+    return _existing_attrs(out)
+
+
+def _gene_table(var: pd.DataFrame, cfg: IngestConfig, path: Path) -> pd.DataFrame:
+    """var with gene ids as index (the index, or cfg.gene_id_column) and a gene_symbol column
+    (cfg.gene_symbol_column, an existing gene_symbol column, or the original index)."""
+    var = var.copy()
+    for field in ("gene_id_column", "gene_symbol_column"):
+        col = getattr(cfg, field)
+        if col and col not in var.columns:
+            raise ValueError(f"{path}: var column {col!r} ({field}) not found; available: "
+                             f"{list(var.columns)}")
+    original = var.index.astype(str)
+    if cfg.gene_symbol_column and cfg.gene_symbol_column != "gene_symbol":
+        var = var.drop(columns=["gene_symbol"], errors="ignore")
+        var = var.rename(columns={cfg.gene_symbol_column: "gene_symbol"})
+    elif "gene_symbol" not in var.columns:
+        var.insert(0, "gene_symbol", original)
+    if cfg.gene_id_column:
+        ids = var.pop(cfg.gene_id_column) if cfg.gene_id_column != "gene_symbol" \
+            else var["gene_symbol"]
+        if ids.isna().any():
+            missing = list(original[ids.isna().to_numpy()][:5])
+            raise ValueError(f"{path}: var column {cfg.gene_id_column!r} has no gene id for "
+                             f"genes {missing}")
+        var.index = pd.Index(ids.astype(str).to_numpy(), name=None)
+    if var.index.has_duplicates:
+        dup = sorted(set(var.index[var.index.duplicated()].astype(str)))
+        raise ValueError(f"{path}: duplicate gene ids in var: {dup[:10]} ({len(dup)} genes)")
+    return var
+
+
+def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig | None = None,
+           *, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Ingest one file into a store, or several into a collection at `out`."""
+    cfg = cfg or IngestConfig()
+    inputs = [Path(p) for p in inputs]
+    out = str(out)
+    if not inputs:
+        raise ValueError("ingest needs at least one input .h5ad file")
+    for p in inputs:
+        if not p.is_file():
+            raise FileNotFoundError(f"input file {p} does not exist")
+    report = (lambda name: (lambda done, total: progress(name, done, total))) if progress \
+        else (lambda name: None)
+    if len(inputs) == 1:
+        return ingest_h5ad(inputs[0], out, cfg, progress=report(inputs[0].name))
+    names = [f"members/{i:03d}-{p.stem}" for i, p in enumerate(inputs)]
+    existing = _existing_attrs(out)
+    if existing.get("pertscale_format") == COLLECTION_NAME and existing.get("complete"):
+        same = [m["path"] for m in existing["members"]] == names and all(
+            _same_source(m.get("source", {}), _source(p, cfg))
+            for m, p in zip(existing["members"], inputs))
+        if same and not cfg.overwrite:
+            return existing
+    if existing.get("pertscale_format") != COLLECTION_NAME or existing.get("complete"):
+        prepare_output(out, overwrite=cfg.overwrite)  # resume only an incomplete collection
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(open_kvstore(out), "zarr.json", group_meta(
+        {"pertscale_format": COLLECTION_NAME, "complete": False,
+         "inputs": [str(p) for p in inputs]}))
+    member_cfg = cfg.replace(overwrite=True)  # members belong to this collection
+    for p, name in zip(inputs, names):
+        member = f"{out.rstrip('/')}/{name}"
+        done = _existing_attrs(member)
+        if done.get("complete") and _same_source(done.get("source", {}), _source(p, cfg)):
+            continue  # finished before an interruption: resume after it
+        ingest_h5ad(p, member, member_cfg, progress=report(p.name))
+    return write_collection(out, names)

@@ -1,0 +1,204 @@
+"""Reading cell stores through tensorstore: `open_store(uri)` -> CellStore (or CellCollection).
+
+The row pointers are held in memory after open; `read_csr_async(start, stop)` issues the
+`X/indices` and `X/data` reads for the nonzeros of cells [start, stop) as tensorstore futures,
+so many block reads can be in flight at once (the loader overlaps them with compute).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import tensorstore as ts
+
+from pertscale.store.format import (
+    COLLECTION_NAME,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_COLUMN,
+    STATS_DIR,
+    X_DATA,
+    X_INDICES,
+    X_INDPTR,
+    StoreError,
+    array_spec,
+    decode_column,
+    kvstore_spec,
+    open_kvstore,
+    read_json,
+)
+from pertscale.store.vocab import GeneVocab
+
+__all__ = ["CellStore", "CsrFuture", "open_store", "read_store_attrs"]
+
+DEFAULT_CACHE_BYTES = 64 << 20  # tensorstore cache: shard indices and recently read chunks
+
+
+def read_store_attrs(uri: str) -> dict[str, Any]:
+    """Root attributes of the store or collection at `uri`; StoreError when it is missing,
+    of another format or incomplete."""
+    try:
+        kv = open_kvstore(uri)
+        meta = read_json(kv, "zarr.json")
+    except (ValueError, OSError) as e:
+        if isinstance(e, StoreError):
+            raise
+        raise StoreError(f"cannot open store {uri}: {e}") from e
+    if meta is None:
+        raise StoreError(f"no store at {uri} (zarr.json not found)")
+    attrs = meta.get("attributes", {})
+    kind = attrs.get("pertscale_format")
+    if kind not in (FORMAT_NAME, COLLECTION_NAME):
+        raise StoreError(f"{uri} is a zarr group but not a pertscale store "
+                         f"(pertscale_format={kind!r})")
+    if attrs.get("format_version", 0) > FORMAT_VERSION:
+        raise StoreError(f"store {uri} has format version {attrs['format_version']}; this "
+                         f"pertscale reads up to {FORMAT_VERSION}")
+    if not attrs.get("complete", False):
+        raise StoreError(f"store {uri} is incomplete (its writer did not commit: interrupted "
+                         "ingest?); rerun the ingest to restart it")
+    return attrs
+
+
+def open_store(uri: Any, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> CellStore:
+    """Open a committed store or collection at a local path, s3:// or gs:// uri."""
+    uri = str(uri)
+    attrs = read_store_attrs(uri)
+    if attrs["pertscale_format"] == COLLECTION_NAME:
+        from pertscale.store.collection import CellCollection
+        return CellCollection(uri, attrs, cache_bytes=cache_bytes)
+    return CellStore(uri, attrs, cache_bytes=cache_bytes)
+
+
+class CsrFuture:
+    """Pending read of cells [start, stop); `.result()` assembles the csr_matrix."""
+
+    def __init__(self, indptr: np.ndarray, n_genes: int, indices: Any, data: Any,
+                 where: str = ""):
+        self._indptr, self._n_genes = indptr, n_genes
+        self._indices, self._data = indices, data
+        self._where = where
+
+    def done(self) -> bool:
+        return all(f is None or f.done() for f in (self._indices, self._data))
+
+    def result(self) -> sp.csr_matrix:
+        n = len(self._indptr) - 1
+        if self._indices is None:
+            indices, data = np.zeros(0, np.int32), np.zeros(0, np.float32)
+        else:
+            try:
+                indices, data = self._indices.result(), self._data.result()
+            except ValueError as e:  # a failed checksum, a missing or unreadable shard
+                raise StoreError(f"{self._where}: {e} (run `pertscale verify` on the store)") \
+                    from e
+        return sp.csr_matrix((data, indices, self._indptr), shape=(n, self._n_genes), copy=False)
+
+
+class CellStore:
+    """A committed cell store (format v1). Attributes follow the store contract in DESIGN.md."""
+
+    def __init__(self, uri: str, attrs: dict[str, Any], *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+        self.uri = uri
+        self.attrs = attrs
+        self.n_cells = int(attrs["n_cells"])
+        self.n_genes = int(attrs["n_genes"])
+        self.nnz = int(attrs["nnz"])
+        self.raw_counts = bool(attrs["raw_counts"])
+        self.fingerprint = str(attrs["fingerprint"])
+        self._kv_spec = kvstore_spec(uri)
+        self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+        self._indices = self._open(X_INDICES)
+        self._data = self._open(X_DATA)
+        self.indptr = self.read_array(X_INDPTR).astype(np.int64, copy=False)
+        if len(self.indptr) != self.n_cells + 1 or self.indptr[-1] != self.nnz:
+            raise StoreError(f"store {uri}: X/indptr ({len(self.indptr)} entries, last "
+                             f"{self.indptr[-1]}) disagrees with n_cells={self.n_cells}, "
+                             f"nnz={self.nnz}")
+
+    def __repr__(self) -> str:
+        kind = "raw counts" if self.raw_counts else "normalised values"
+        return (f"CellStore({self.uri!r}, n_cells={self.n_cells}, n_genes={self.n_genes}, "
+                f"nnz={self.nnz}, {kind})")
+
+    def __len__(self) -> int:
+        return self.n_cells
+
+    def _open(self, path: str) -> ts.TensorStore:
+        spec = array_spec(self._kv_spec, path, np.float32, shard_values=1, chunk_values=1,
+                          create=False)
+        try:
+            return ts.open(spec, open=True, read=True, context=self._context).result()
+        except ValueError as e:
+            raise StoreError(f"store {self.uri}: cannot open array {path}: {e}") from e
+
+    def read_array(self, path: str) -> np.ndarray:
+        """The whole 1-D array at `path` inside the store (metadata tables, statistics)."""
+        try:
+            return self._open(path).read().result()
+        except ValueError as e:
+            raise StoreError(f"store {self.uri}: cannot read array {path}: {e}") from e
+
+    # --- cells -----------------------------------------------------------------------------
+    def _check_range(self, start: int, stop: int) -> tuple[int, int]:
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_cells:
+            raise ValueError(f"cell range [{start}, {stop}) is outside [0, {self.n_cells}) "
+                             f"of store {self.uri}")
+        return start, stop
+
+    def read_csr_async(self, start: int, stop: int) -> CsrFuture:
+        """Start reading cells [start, stop); returns a CsrFuture (`.result()` -> csr_matrix)."""
+        start, stop = self._check_range(start, stop)
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        indptr = self.indptr[start:stop + 1] - lo
+        if hi == lo:
+            return CsrFuture(indptr, self.n_genes, None, None)
+        return CsrFuture(indptr, self.n_genes, self._indices[lo:hi].read(),
+                         self._data[lo:hi].read(),
+                         where=f"store {self.uri}: reading cells [{start}, {stop})")
+
+    def read_csr(self, start: int, stop: int) -> sp.csr_matrix:
+        """Cells [start, stop) as a float32 csr_matrix [stop - start, n_genes]."""
+        return self.read_csr_async(start, stop).result()
+
+    # --- tables ----------------------------------------------------------------------------
+    def _read_table(self, group: str) -> pd.DataFrame:
+        meta = read_json(open_kvstore(self.uri), f"{group}/zarr.json")
+        if meta is None:
+            raise StoreError(f"store {self.uri}: {group}/zarr.json is missing")
+        attrs = meta["attributes"]
+        read = lambda name: self.read_array(f"{group}/{name}")
+        encs = attrs["encodings"]
+        index = pd.Index(decode_column(encs[INDEX_COLUMN], read, INDEX_COLUMN), dtype=object)
+        cols = {name: decode_column(encs[name], read, name) for name in attrs["columns"]}
+        return pd.DataFrame(cols, index=index)
+
+    @functools.cached_property
+    def obs(self) -> pd.DataFrame:
+        """Cell metadata: one row per cell (index = cell ids), categoricals as Categorical."""
+        return self._read_table("obs")
+
+    @functools.cached_property
+    def var(self) -> pd.DataFrame:
+        """Gene metadata: index = gene ids, column "gene_symbol" and any carried-over columns."""
+        return self._read_table("var")
+
+    @functools.cached_property
+    def vocab(self) -> GeneVocab:
+        return GeneVocab(list(self.var.index))
+
+    def read_stats(self) -> dict[str, np.ndarray]:
+        """Per-gene statistics accumulated at ingest (see stats/zarr.json for definitions)."""
+        fields = ("sum", "sum_sq", "nnz", "seurat_sum", "seurat_sum_sq")
+        return {f: self.read_array(f"{STATS_DIR}/{f}") for f in fields}
+
+    def gene_stats(self) -> pd.DataFrame:
+        """Per-gene sum, sum of squares and nonzero count of the stored values."""
+        s = self.read_stats()
+        return pd.DataFrame({"sum": s["sum"], "sum_sq": s["sum_sq"], "nnz": s["nnz"]},
+                            index=self.var.index)

@@ -1,0 +1,331 @@
+"""StoreWriter: write a cell store row block by row block, committed atomically on exit.
+
+    with StoreWriter(out, var=var_df, raw_counts=True, source={"file": ..., "sha256": ...}) as w:
+        w.append(csr_block, obs_df)
+
+Each block is validated (shape, finite values; for raw counts also non-negative integers),
+stripped of explicit zeros, sorted, and added to the CSR arrays; per-gene statistics and the
+per-cell `n_counts` obs column are accumulated on the way. The root `zarr.json` says
+`"complete": false` from the first byte written and `true` only after every shard is written and
+hashed: a store whose writer died is refused by `open_store` as incomplete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import shutil
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+import pertscale
+from pertscale.store.arrays import AppendArray, ColumnSink
+from pertscale.store.format import (
+    DEFAULT_CHUNK_VALUES,
+    DEFAULT_COMPRESSION_LEVEL,
+    DEFAULT_SHARD_VALUES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INDEX_COLUMN,
+    N_COUNTS,
+    STATS_DIR,
+    TABLE_SHARD_VALUES,
+    X_DATA,
+    X_INDICES,
+    X_INDPTR,
+    StoreError,
+    group_meta,
+    kvstore_spec,
+    local_path,
+    open_kvstore,
+    read_json,
+    write_json,
+)
+
+__all__ = ["SEURAT_TARGET_SUM", "StoreWriter", "prepare_output"]
+
+SEURAT_TARGET_SUM = 1e4  # normalize_total target of the accumulated "seurat" statistics
+MAX_EXACT_COUNT = 2 ** 24  # float32 holds every integer up to here exactly
+
+
+def prepare_output(uri: str, *, overwrite: bool) -> None:
+    """Make `uri` ready for a new store: absent, empty, an incomplete store (removed: a rerun
+    restarts cleanly) or, with `overwrite`, a complete one. Anything else is an error."""
+    path = local_path(uri)
+    if path is None:
+        raise StoreError(f"output {uri!r}: stores are written to a local path; "
+                         "upload the finished store to object storage")
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise StoreError(f"output {path} exists and is not a directory")
+    if not any(path.iterdir()):
+        return
+    meta = read_json(open_kvstore(str(path)), "zarr.json")
+    attrs = (meta or {}).get("attributes", {})
+    if attrs.get("pertscale_format") not in (FORMAT_NAME, "pertscale.collection"):
+        raise StoreError(f"output {path} is a non-empty directory that is not a pertscale store; "
+                         "refusing to write into it")
+    if attrs.get("complete") and not overwrite:
+        raise StoreError(f"output {path} already holds a complete store "
+                         f"(source {attrs.get('source') or attrs.get('members')}); "
+                         "pass --overwrite to replace it")
+    shutil.rmtree(path)
+
+
+class StoreWriter:
+    """Writes one cell store. See the module docstring; `append` any number of row blocks."""
+
+    def __init__(self, out_uri: str | Path, *, var: pd.DataFrame, raw_counts: bool,
+                 source: dict[str, Any] | None = None, overwrite: bool = False,
+                 chunk_values: int = DEFAULT_CHUNK_VALUES,
+                 shard_values: int = DEFAULT_SHARD_VALUES,
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+                 extra_attrs: dict[str, Any] | None = None):
+        self.uri = str(out_uri)
+        self.raw_counts = bool(raw_counts)
+        self.source = dict(source or {})
+        name = self.source.get("path") or self.source.get("file")
+        self._label = f"{name}: " if name else ""
+        self.var = _check_var(var, self._label)
+        self.n_genes = len(self.var)
+        self._extra_attrs = dict(extra_attrs or {})
+        if chunk_values < 1 or shard_values < chunk_values:
+            raise ValueError(f"need 1 <= chunk_values ({chunk_values}) <= shard_values "
+                             f"({shard_values})")
+        if not 1 <= compression_level <= 22:
+            raise ValueError(f"compression_level={compression_level} is outside [1, 22] (zstd)")
+        self._level = compression_level
+        prepare_output(self.uri, overwrite=overwrite)
+        Path(local_path(self.uri)).mkdir(parents=True, exist_ok=True)
+        self._kv = open_kvstore(self.uri)
+        self._kv_spec = kvstore_spec(self.uri)
+        self._root_attrs = {"pertscale_format": FORMAT_NAME, "format_version": FORMAT_VERSION,
+                            "complete": False, "source": self.source}
+        write_json(self._kv, "zarr.json", group_meta(self._root_attrs))
+        for group in ("X", "obs", "var", STATS_DIR):
+            write_json(self._kv, f"{group}/zarr.json", group_meta())
+        self._chunk = chunk_values
+        # obs/var columns, indptr and statistics: smaller shards, still whole inner chunks
+        self._table_shard = max(1, min(shard_values, TABLE_SHARD_VALUES) // chunk_values) \
+            * chunk_values
+        self._table_chunk = min(chunk_values, self._table_shard)
+        self._indptr = self._array(X_INDPTR, np.int64, table=True)
+        self._indices = self._array(X_INDICES, np.int32, shard_values=shard_values)
+        self._data = self._array(X_DATA, np.float32, shard_values=shard_values)
+        self._indptr.append(np.zeros(1, np.int64))
+        self.n_cells = 0
+        self.nnz = 0
+        self._obs_columns: list[str] | None = None
+        self._obs: dict[str, ColumnSink] = {}
+        g = self.n_genes
+        self._stats = {name: np.zeros(g, np.float64) for name in
+                       ("sum", "sum_sq", "seurat_sum", "seurat_sum_sq")}
+        self._stats["nnz"] = np.zeros(g, np.int64)
+        self._closed = False
+
+    def _array(self, path: str, dtype: Any, *, table: bool = False,
+               shard_values: int | None = None) -> AppendArray:
+        return AppendArray(self._kv, self._kv_spec, path, dtype,
+                           shard_values=self._table_shard if table else shard_values,
+                           chunk_values=self._table_chunk if table else self._chunk,
+                           compression_level=self._level)
+
+    def _sink(self, group: str, name: str, first: pd.Series, strings: str) -> ColumnSink:
+        return ColumnSink(self._kv, self._kv_spec, f"{group}/{name}", first, strings=strings,
+                          shard_values=self._table_shard, chunk_values=self._table_chunk,
+                          compression_level=self._level)
+
+    # --- appending -------------------------------------------------------------------------
+    def append(self, block: Any, obs: pd.DataFrame | None = None) -> None:
+        """Add cells: `block` [cells, n_genes] (scipy sparse or dense), `obs` one row per cell."""
+        if self._closed:
+            raise RuntimeError("StoreWriter is closed")
+        csr = self._check_block(block)
+        n = csr.shape[0]
+        if n == 0:
+            return
+        obs = self._check_obs(obs, n)
+        row_sums = np.asarray(csr.sum(axis=1, dtype=np.float64)).reshape(-1)
+        self._accumulate(csr, row_sums)
+        self._indices.append(csr.indices.astype(np.int32, copy=False))
+        self._data.append(csr.data.astype(np.float32, copy=False))
+        self._indptr.append(self.nnz + csr.indptr[1:].astype(np.int64))
+        obs = obs.assign(**{N_COUNTS: row_sums})
+        if self._obs_columns is None:
+            self._obs_columns = [str(c) for c in obs.columns]
+            self._obs[INDEX_COLUMN] = self._sink("obs", INDEX_COLUMN,
+                                                 pd.Series(obs.index.astype(str)), "string")
+            for c in self._obs_columns:
+                self._obs[c] = self._sink("obs", c, obs[c], "categorical")
+        self._obs[INDEX_COLUMN].append(pd.Series(obs.index.astype(str)))
+        for c in self._obs_columns:
+            self._obs[c].append(obs[c])
+        self.n_cells += n
+        self.nnz += csr.nnz
+
+    def _check_block(self, block: Any) -> sp.csr_matrix:
+        rows = f"rows {self.n_cells}-{self.n_cells + block.shape[0]}"
+        if block.ndim != 2 or block.shape[1] != self.n_genes:
+            raise ValueError(f"{self._label}block of shape {block.shape} does not match "
+                             f"{self.n_genes} genes in var")
+        csr = sp.csr_matrix(block, copy=True) if not sp.issparse(block) or block.format != "csr" \
+            else block.copy()
+        csr.sum_duplicates()
+        csr.sort_indices()
+        data = csr.data
+        bad = ~np.isfinite(data)
+        if self.raw_counts:
+            with np.errstate(invalid="ignore"):
+                bad |= (data < 0) | (data != np.round(data)) | (data > MAX_EXACT_COUNT)
+            what = ("raw counts must be finite non-negative integers below 2**24 (use "
+                    "--values normalised / raw_counts=False for normalised values)")
+        else:
+            what = "stored values must be finite"
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            row = int(np.searchsorted(csr.indptr, k, side="right") - 1)
+            gene = self.var.index[csr.indices[k]]
+            raise ValueError(f"{self._label}{rows}: {what}; cell row {self.n_cells + row}, "
+                             f"gene {gene!r} has value {float(data[k])!r} "
+                             f"({int(bad.sum())} bad values in this block)")
+        csr.eliminate_zeros()
+        return csr
+
+    def _check_obs(self, obs: pd.DataFrame | None, n: int) -> pd.DataFrame:
+        if obs is None:
+            obs = pd.DataFrame(index=pd.RangeIndex(self.n_cells, self.n_cells + n).astype(str))
+        if len(obs) != n:
+            raise ValueError(f"{self._label}obs has {len(obs)} rows for a block of {n} cells")
+        # NOTE: n_counts is the sum of the stored values; a source column of that name is kept
+        # as n_counts_source rather than silently replaced.
+        obs = obs.rename(columns={N_COUNTS: f"{N_COUNTS}_source"})
+        if self._obs_columns is not None:
+            got = [str(c) for c in obs.columns]
+            want = [c for c in self._obs_columns if c != N_COUNTS]
+            if got != want:
+                raise ValueError(f"{self._label}obs columns {got} differ from the first "
+                                 f"block's {want}")
+        return obs
+
+    def _accumulate(self, csr: sp.csr_matrix, row_sums: np.ndarray) -> None:
+        scale = SEURAT_TARGET_SUM / np.where(row_sums > 0, row_sums, 1.0)
+        s = self._stats
+        _compiled_gene_stats_kernel()(csr.indptr.astype(np.int64, copy=False), csr.indices, csr.data,
+                               scale, self.raw_counts, s["sum"], s["sum_sq"], s["nnz"],
+                               s["seurat_sum"], s["seurat_sum_sq"])
+
+    # --- commit ----------------------------------------------------------------------------
+    def close(self) -> dict[str, Any]:
+        """Finish every array, write statistics and var, then the final metadata (commit).
+        Returns the root attributes."""
+        if self._closed:
+            raise RuntimeError("StoreWriter is already closed")
+        self._closed = True
+        if self.n_cells == 0:
+            raise ValueError(f"{self._label}no cells were written to {self.uri}")
+        manifest: dict[str, list[dict[str, Any]]] = {}
+        for arr in (self._indptr, self._indices, self._data):
+            arr.close()
+            manifest[arr.path] = arr.manifest
+        obs_enc = {}
+        for name, sink in self._obs.items():
+            obs_enc[name], manifest[sink.path] = sink.close()
+        var_enc = self._write_var(manifest)
+        for name, values in self._stats.items():
+            arr = self._array(f"{STATS_DIR}/{name}", values.dtype, table=True)
+            arr.append(values)
+            arr.close()
+            manifest[arr.path] = arr.manifest
+        write_json(self._kv, "obs/zarr.json", group_meta(
+            {"columns": self._obs_columns, "index": INDEX_COLUMN, "encodings": obs_enc}))
+        write_json(self._kv, "var/zarr.json", group_meta(
+            {"columns": [str(c) for c in self.var.columns], "index": INDEX_COLUMN,
+             "encodings": var_enc}))
+        write_json(self._kv, f"{STATS_DIR}/zarr.json", group_meta(
+            {"fields": list(self._stats), "seurat_values":
+             f"normalize_total(target_sum={SEURAT_TARGET_SUM:g})" if self.raw_counts
+             else "expm1(X)", "seurat_target_sum": SEURAT_TARGET_SUM}))
+        fingerprint = hashlib.sha256()
+        for path in sorted(manifest):
+            for entry in manifest[path]:
+                fingerprint.update(f"{entry['key']} {entry['sha256']}\n".encode())
+        attrs = {
+            **self._root_attrs, **self._extra_attrs,
+            "n_cells": self.n_cells, "n_genes": self.n_genes, "nnz": self.nnz,
+            "raw_counts": self.raw_counts, "value_dtype": "float32",
+            "stats": STATS_DIR, "tool": f"pertscale {pertscale.__version__}",
+            "manifest": manifest, "fingerprint": fingerprint.hexdigest(), "complete": True,
+        }
+        # NOTE: the commit point. Shards were written by tensorstore's file driver (which
+        # fsyncs); the root zarr.json is replaced atomically and only now says complete.
+        write_json(self._kv, "zarr.json", group_meta(attrs))
+        return attrs
+
+    def _write_var(self, manifest: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+        enc = {}
+        var = self.var
+        columns = [(INDEX_COLUMN, pd.Series(var.index.astype(str)))]
+        columns += [(str(c), var[c].reset_index(drop=True)) for c in var.columns]
+        for name, col in columns:
+            sink = self._sink("var", name, col, "string")
+            sink.append(col)
+            enc[name], manifest[sink.path] = sink.close()
+        return enc
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        # on an exception the store stays incomplete: open_store refuses it, a rerun restarts
+
+
+def _gene_stats_kernel(indptr, indices, data, row_scale, raw_counts, total, total_sq, nnz,
+                       seurat, seurat_sq):  # pragma: no cover - compiled by numba
+    """One pass over a CSR block adding per-gene sums. The "seurat" sums are of the values
+    scanpy's flavor="seurat" sees after its expm1: normalize_total(target_sum=1e4) of raw
+    counts (x * row_scale), or expm1(x) of log-normalised values."""
+    for row in range(indptr.size - 1):
+        scale = row_scale[row]
+        for k in range(indptr[row], indptr[row + 1]):
+            g = indices[k]
+            x = np.float64(data[k])
+            total[g] += x
+            total_sq[g] += x * x
+            nnz[g] += 1
+            v = x * scale if raw_counts else np.expm1(x)
+            seurat[g] += v
+            seurat_sq[g] += v * v
+
+
+@functools.cache
+def _compiled_gene_stats_kernel():
+    # NOTE: numba is imported on first use so that readers (Ray workers) never pay for it.
+    import numba
+
+    return numba.njit(cache=True)(_gene_stats_kernel)
+
+
+def _check_var(var: pd.DataFrame, label: str) -> pd.DataFrame:
+    if not isinstance(var, pd.DataFrame):
+        raise TypeError(f"var must be a pandas DataFrame, got {type(var).__name__}")
+    if len(var) == 0:
+        raise ValueError(f"{label}var has no genes")
+    index = var.index.astype(str)
+    dup = index[index.duplicated()]
+    if len(dup):
+        raise ValueError(f"{label}duplicate gene ids in var: {sorted(set(dup))[:10]} "
+                         f"({len(dup)} duplicates)")
+    var = var.copy()
+    var.index = index
+    if "gene_symbol" not in var.columns:
+        var.insert(0, "gene_symbol", index)
+    return var

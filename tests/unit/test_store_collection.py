@@ -1,0 +1,119 @@
+"""Collections: several stores read as one in a union gene space; GeneVocab; kvstore specs."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from pertscale.store import GeneVocab, StoreError, kvstore_spec, open_store
+from pertscale.store.ingest import IngestConfig, ingest
+from pertscale.store.verify import verify_store
+
+
+def write_h5ad(path, genes, n, seed, cond):
+    rng = np.random.default_rng(seed)
+    X = sp.csr_matrix(rng.poisson(1.0, (n, len(genes))).astype(np.float32))
+    obs = pd.DataFrame({"condition": pd.Categorical([cond] * n)},
+                       index=[f"{path.stem}_{i}" for i in range(n)])
+    ad.AnnData(X, obs=obs, var=pd.DataFrame(index=genes)).write_h5ad(path)
+    return X
+
+
+@pytest.fixture
+def collection(tmp_path):
+    xa = write_h5ad(tmp_path / "a.h5ad", ["G1", "G2", "G3", "G4"], 70, 0, "ctrl")
+    xb = write_h5ad(tmp_path / "b.h5ad", ["G3", "G5", "G1"], 50, 1, "stim")
+    cfg = IngestConfig(chunk_values=32, shard_values=128, block_rows=16)
+    ingest([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "c", cfg)
+    return tmp_path, xa, xb
+
+
+def test_union_space_reads(collection):
+    tmp_path, xa, xb = collection
+    coll = open_store(tmp_path / "c")
+    assert coll.vocab.genes == ["G1", "G2", "G3", "G4", "G5"]
+    assert (coll.n_cells, coll.n_genes, coll.nnz) == (120, 5, xa.nnz + xb.nnz)
+    dense = coll.read_csr(0, 120).toarray()
+    np.testing.assert_array_equal(dense[:70, :4], xa.toarray())
+    np.testing.assert_array_equal(dense[:70, 4], 0)
+    np.testing.assert_array_equal(dense[70:, [2, 4, 0]], xb.toarray())
+    np.testing.assert_array_equal(dense[70:, [1, 3]], 0)
+    across = coll.read_csr_async(60, 80).result()  # spans both members
+    assert across.has_sorted_indices and across.indices.dtype == np.int32
+    np.testing.assert_array_equal(across.toarray(), dense[60:80])
+    np.testing.assert_array_equal(np.diff(coll.indptr), np.diff(coll.read_csr(0, 120).indptr))
+    obs = coll.obs
+    assert len(obs) == 120 and list(obs["dataset"].cat.categories) == ["a", "b"]
+    assert list(obs["condition"].cat.categories) == ["ctrl", "stim"]
+    np.testing.assert_allclose(coll.gene_stats()["sum"], dense.sum(0))
+    assert verify_store(tmp_path / "c").ok
+
+
+def test_rerun_resumes_members_and_detects_changes(collection):
+    tmp_path, _, _ = collection
+    fp = open_store(tmp_path / "c").fingerprint
+    cfg = IngestConfig(chunk_values=32, shard_values=128, block_rows=16)
+    assert ingest([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "c", cfg)[
+        "fingerprint"] == fp
+    member = next((tmp_path / "c" / "members").iterdir())
+    (member / "X" / "data" / "c" / "0").unlink()
+    report = verify_store(tmp_path / "c")
+    assert report.problems[0].startswith(f"member members/{member.name}: array X/data")
+
+
+def test_mixed_value_kinds_rejected(tmp_path):
+    write_h5ad(tmp_path / "a.h5ad", ["G1"], 5, 0, "x")
+    ingest([tmp_path / "a.h5ad"], tmp_path / "c/members/000-a", IngestConfig())
+    ingest([tmp_path / "a.h5ad"], tmp_path / "c/members/001-b", IngestConfig(values="normalised"))
+    from pertscale.store.collection import write_collection
+    with pytest.raises(ValueError, match="mix raw counts and normalised"):
+        write_collection(str(tmp_path / "c"), ["members/000-a", "members/001-b"])
+
+
+def test_gene_vocab(tmp_path):
+    vocab = GeneVocab(["ENSG1", "ENSG2"])
+    assert vocab.tokens == ["<pad>", "<cls>", "<mask>", "ENSG1", "ENSG2"] and len(vocab) == 5
+    assert vocab.token_id("<mask>") == 2 and vocab.token_id("ENSG2") == 4
+    with pytest.raises(KeyError, match="'ENSG9' is not in the gene vocabulary"):
+        vocab.token_id("ENSG9")
+    vocab.save(tmp_path / "v.json")
+    assert GeneVocab.load(tmp_path / "v.json") == vocab
+    with pytest.raises(ValueError, match="duplicate gene 'A'"):
+        GeneVocab(["A", "B", "A"])
+    with pytest.raises(ValueError, match="duplicate special token"):
+        GeneVocab(["<cls>"])
+
+
+def test_kvstore_spec_from_uri(monkeypatch, tmp_path):
+    assert kvstore_spec(str(tmp_path)) == {"driver": "file", "path": f"{tmp_path}/"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:5555")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    spec = kvstore_spec("s3://cells/stores/kang")
+    assert spec == {"driver": "s3", "bucket": "cells", "path": "stores/kang/",
+                    "endpoint": "http://127.0.0.1:5555", "aws_region": "eu-west-1"}
+    assert "s3cr3t" not in repr(spec)
+    assert kvstore_spec("gs://b/p") == {"driver": "gcs", "bucket": "b", "path": "p/"}
+    with pytest.raises(StoreError, match="unsupported scheme 'hdfs'"):
+        kvstore_spec("hdfs://x/y")
+
+
+@pytest.mark.filterwarnings("ignore:Some cells have zero counts")
+def test_collection_hvgs_equal_scanpy_on_union(collection):
+    import scanpy as sc
+
+    from pertscale.store.stats import highly_variable_genes
+
+    tmp_path, _, _ = collection
+    coll = open_store(tmp_path / "c")
+    adata = ad.AnnData(coll.read_csr(0, coll.n_cells), var=coll.var.copy())
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    ref = sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=2, n_bins=2,
+                                      inplace=False)
+    ours = highly_variable_genes(coll, "seurat", n_top_genes=2, n_bins=2)
+    np.testing.assert_array_equal(ours["highly_variable"].to_numpy(), ref["highly_variable"])
+    np.testing.assert_allclose(ours["means"], ref["means"], rtol=1e-5)
