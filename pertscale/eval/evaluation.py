@@ -1,0 +1,146 @@
+"""The evaluation pipeline both commands share: read the store's perturbation data, split it,
+fit and run every predictor as a Ray task (the data put into the object store once), score,
+plot, write the report and log it all to MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pertscale.config import ConfigError
+from pertscale.data.embeddings import GeneEmbeddings, load_embeddings
+from pertscale.data.perturbation import PerturbationData, load_perturbation_data
+from pertscale.data.splits import Split, build_split
+from pertscale.eval.baselines import Predictor, build_baseline
+from pertscale.eval.config import EmbeddingsConfig, EvalDataConfig, ReportConfig
+from pertscale.eval.plots import plot_de_deltas, plot_metric_bars
+from pertscale.eval.report import evaluate, markdown_table, summarise, write_report
+from pertscale.paths import storage_root
+
+__all__ = [
+    "EvalResult",
+    "build_baselines",
+    "load_eval_data",
+    "load_table",
+    "make_report",
+    "report_dir",
+    "run_predictors",
+]
+
+log = logging.getLogger(__name__)
+BAR_METRICS = {"pearson_delta_de": "Pearson delta, top DE genes",
+               "mse_de": "MSE, top DE genes", "pearson_delta": "Pearson delta, all genes"}
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What a finished evaluation left behind."""
+
+    report_path: Path
+    summary: pd.DataFrame
+    table: str
+    run_id: str | None = None
+    model_uri: str | None = None
+
+
+def load_eval_data(cfg: EvalDataConfig) -> tuple[PerturbationData, Split]:
+    """Open the store, compute the pseudo-bulk data and the split."""
+    from pertscale.store import open_store
+
+    if not cfg.store_uri:
+        raise ConfigError("data.store_uri is empty: pass --data.store_uri=PATH_OR_URI")
+    data = load_perturbation_data(open_store(cfg.store_uri), cfg.perturbation)
+    return data, build_split(data, cfg.split)
+
+
+def load_table(cfg: EmbeddingsConfig, data: PerturbationData) -> GeneEmbeddings:
+    """The embedding table restricted to the perturbed genes; missing genes are an error."""
+    if not cfg.path:
+        raise ConfigError("embeddings.path is empty: pass --embeddings.path=FILE")
+    table = load_embeddings(cfg.path, allow_pickle=cfg.allow_pickle,
+                            gene_column=cfg.gene_column or None)
+    genes = sorted({g for p in data.perturbations.values() for g in p.genes})
+    missing = table.missing(genes)
+    if missing:
+        raise ValueError(f"embedding table {cfg.path}: {len(missing)} perturbed gene(s) have no "
+                         f"embedding: {missing}")
+    index = {g: i for i, g in enumerate(table.genes)}
+    rows = [index[g] for g in genes]
+    return GeneEmbeddings(genes=genes, emb_ND=table.emb_ND[rows], source=table.source,
+                          sha256=table.sha256)
+
+
+def build_baselines(cfg: ReportConfig, embeddings: GeneEmbeddings | None) -> list[Predictor]:
+    return [build_baseline(name, linear=cfg.linear, embeddings=embeddings)
+            for name in cfg.baselines]
+
+
+def _fit_predict(predictor: Predictor, fit: bool, data: PerturbationData,
+                 split: Split) -> dict[str, np.ndarray]:
+    import threadpoolctl
+
+    # NOTE: Ray tasks share the node's cores; one BLAS thread each keeps them from oversubscribing.
+    with threadpoolctl.threadpool_limits(1):
+        if fit:
+            predictor.fit(data, split.train)
+        return {g: predictor.predict_delta(data, conds)
+                for g, conds in split.subgroups().items()}
+
+
+def run_predictors(predictors: list[tuple[Predictor, bool]], data: PerturbationData,
+                   split: Split) -> dict[str, dict[str, np.ndarray]]:
+    """`(predictor, needs_fit)` pairs -> predictions[name][subgroup], one Ray task each
+    (Ray must be initialised)."""
+    import ray
+
+    names = [p.name for p, _ in predictors]
+    if len(set(names)) != len(names):
+        raise ValueError(f"predictor names must be unique, got {names}")
+    task = ray.remote(num_cpus=1)(_fit_predict)
+    data_ref, split_ref = ray.put(data), ray.put(split)
+    refs = [task.remote(p, fit, data_ref, split_ref) for p, fit in predictors]
+    return dict(zip(names, ray.get(refs)))
+
+
+def report_dir(cfg: ReportConfig, run_name: str) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    return storage_root() / "reports" / f"{run_name}-{stamp}"
+
+
+def make_report(cfg: ReportConfig, *, run_name: str, data: PerturbationData, split: Split,
+                predictions: dict[str, dict[str, np.ndarray]], meta: dict[str, Any],
+                logger: Any = None) -> EvalResult:
+    """Score, plot and write the report; log metrics and the report folder when `logger`."""
+    from pertscale.eval.report import metrics_for_logging
+
+    models = list(predictions)
+    groups = list(split.subgroups())
+    per_condition = evaluate(data, split, predictions)
+    summary = summarise(per_condition, models)
+    out = report_dir(cfg, run_name)
+    plots = []
+    for group, conds in split.subgroups().items():
+        chosen = sorted(conds)[: cfg.n_plot_perturbations]
+        idx = [conds.index(c) for c in chosen]
+        plots.append(plot_de_deltas(
+            data, chosen, {m: predictions[m][group][idx] for m in models},
+            out / "plots" / f"de_{group}.png", title=f"{group}: predicted vs true change"))
+    for metric, label in BAR_METRICS.items():
+        plots.append(plot_metric_bars(summary, metric, out / "plots" / f"bars_{metric}.png",
+                                      model_order=models, subgroup_order=groups, label=label))
+    title = cfg.title or f"{run_name}: {data.source.get('uri', '')}"
+    report = write_report(out, title=title, data=data, split=split, per_condition=per_condition,
+                          summary=summary, meta=meta, plots=plots)
+    if logger is not None:
+        logger.log_metrics(metrics_for_logging(summary))
+        logger.log_artifact(out, "report")
+    return EvalResult(report_path=report, summary=summary, table=markdown_table(summary, groups),
+                      run_id=getattr(logger, "run_id", None))

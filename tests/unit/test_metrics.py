@@ -1,0 +1,83 @@
+"""Metrics against values computed by hand."""
+
+import numpy as np
+import pytest
+
+from pertscale.eval.metrics import (
+    METRIC_NAMES,
+    direction_accuracy,
+    mse,
+    pearson_delta,
+    perturbation_metrics,
+    r2_mean,
+)
+
+CTRL = np.array([1.0, 1.0, 1.0, 1.0])
+TRUE = np.array([2.0, 0.0, 1.0, 3.0])   # delta  1, -1, 0, 2
+PRED = np.array([1.5, 0.5, 2.0, 2.0])   # delta .5, -.5, 1, 1
+
+
+def test_pearson_delta_by_hand():
+    # deltas a=(.5,-.5,1,1) mean .5 -> (0,-1,.5,.5); b=(1,-1,0,2) mean .5 -> (.5,-1.5,-.5,1.5)
+    # cov = 0 + 1.5 - .25 + .75 = 2.0; |a|^2 = 1.5; |b|^2 = .25+2.25+.25+2.25 = 5
+    assert pearson_delta(PRED, TRUE, CTRL) == pytest.approx(2.0 / np.sqrt(1.5 * 5.0))
+
+
+def test_pearson_delta_on_gene_subset():
+    # genes 0, 1, 3: a=(.5,-.5,1) b=(1,-1,2); centred a=(1/3-... ) computed explicitly
+    a = np.array([0.5, -0.5, 1.0]) - 1 / 3
+    b = np.array([1.0, -1.0, 2.0]) - 2 / 3
+    expected = (a @ b) / np.sqrt((a @ a) * (b @ b))
+    assert pearson_delta(PRED, TRUE, CTRL, genes=np.array([0, 1, 3])) == pytest.approx(expected)
+
+
+def test_pearson_delta_differs_from_pearson_of_means():
+    # shifting ctrl changes the deltas' correlation, not a Pearson of raw means
+    ctrl = np.array([0.0, 2.0, 1.0, 1.0])
+    assert pearson_delta(PRED, TRUE, ctrl) != pytest.approx(pearson_delta(PRED, TRUE, CTRL))
+
+
+def test_pearson_delta_of_no_change_is_nan():
+    assert np.isnan(pearson_delta(CTRL, TRUE, CTRL))
+
+
+def test_mse_is_mean_square_not_root():
+    # errors .5, -.5, 1, -1 -> squares .25 .25 1 1 -> mean .625
+    assert mse(PRED, TRUE) == pytest.approx(0.625)
+    assert mse(PRED, TRUE, genes=[2, 3]) == pytest.approx(1.0)
+
+
+def test_direction_accuracy_by_hand():
+    # signs pred (+,-,+,+) vs true (+,-,0,+): 3 of 4 agree
+    assert direction_accuracy(PRED, TRUE, CTRL) == pytest.approx(0.75)
+    assert direction_accuracy(PRED, TRUE, CTRL, genes=[0, 1]) == 1.0
+    mask = np.array([False, False, True, False])
+    assert direction_accuracy(PRED, TRUE, CTRL, genes=mask) == 0.0
+
+
+def test_r2_mean_by_hand():
+    # true mean 1.5, SS_tot = .25+2.25+.25+2.25 = 5; SS_res = 2.5 -> R^2 = .5
+    assert r2_mean(PRED, TRUE) == pytest.approx(0.5)
+    assert r2_mean(TRUE, TRUE) == 1.0
+    assert np.isnan(r2_mean(PRED, CTRL))
+
+
+def test_perturbation_metrics_names_and_de_subset():
+    out = perturbation_metrics(PRED, TRUE, CTRL, np.array([0, 1]))
+    assert tuple(out) == METRIC_NAMES
+    assert out["mse_de"] == pytest.approx(0.25)
+    assert out["pearson_delta_de"] == pytest.approx(1.0)
+    assert out["mse"] == pytest.approx(0.625)
+
+
+@pytest.mark.parametrize("bad", [np.zeros(3), np.zeros((4, 1))])
+def test_shape_mismatch_is_an_error(bad):
+    with pytest.raises(ValueError, match="equal length"):
+        mse(bad, TRUE)
+
+
+def test_empty_or_out_of_range_genes_are_errors():
+    with pytest.raises(ValueError, match="empty"):
+        mse(PRED, TRUE, genes=np.array([], dtype=int))
+    with pytest.raises(ValueError, match="out of range"):
+        mse(PRED, TRUE, genes=[7])
