@@ -1,0 +1,32 @@
+"""Data: block sampler and distributed, resumable cell loader, tokenizer, perturbation datasets and
+splits, gene-embedding tables, and the Perturb-seq simulator."""
+
+from pertscale.data.embeddings import GeneEmbeddings, load_embeddings
+from pertscale.data.loader import CellLoader, LoaderConfig, build_loader
+from pertscale.data.perturbation import (
+    Perturbation,
+    PerturbationConfig,
+    PerturbationData,
+    load_perturbation_data,
+    parse_perturbation,
+)
+from pertscale.data.sampler import REMAINDER_POLICIES, BlockSampler, BufferPlan
+from pertscale.data.splits import Split, SplitConfig, build_split
+from pertscale.data.synthetic import (
+    GroundTruth,
+    SimulatedData,
+    SimulatorConfig,
+    load_truth,
+    simulate,
+    simulate_blocks,
+    write_dataset,
+)
+from pertscale.data.tokenizer import Tokenizer, TokenizerConfig
+
+__all__ = [
+    "REMAINDER_POLICIES", "BlockSampler", "BufferPlan", "CellLoader", "LoaderConfig",
+    "build_loader", "GeneEmbeddings", "load_embeddings", "Perturbation", "PerturbationConfig",
+    "PerturbationData", "load_perturbation_data", "parse_perturbation", "Split", "SplitConfig",
+    "build_split", "GroundTruth", "SimulatedData", "SimulatorConfig", "load_truth", "simulate",
+    "simulate_blocks", "write_dataset", "Tokenizer", "TokenizerConfig",
+]

@@ -1,0 +1,124 @@
+"""annbatch side of `pertscale bench loader --peer annbatch`: run as a script by another Python.
+
+annbatch needs Python >= 3.12 and its own dependencies, so the bench runs this file with the
+interpreter given by `--peer-python` (a venv with annbatch installed); it imports nothing from
+pertscale. It converts the benchmark's CSR (three .npy files exported from our store, so both
+loaders read identical cells) into annbatch's sharded zarr layout with `annbatch.write_sharded`
+(annbatch's defaults: blosc-lz4 chunks), then times annbatch's `Loader` with shuffled chunks and
+prints one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited via exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write(npy_dir: Path, store_dir: Path) -> float:
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+    import zarr
+    from annbatch import write_sharded
+
+    indptr = np.load(npy_dir / "indptr.npy")
+    indices = np.load(npy_dir / "indices.npy")
+    data = np.load(npy_dir / "data.npy")
+    n_genes = int(json.loads((npy_dir / "shape.json").read_text())["n_genes"])
+    x = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_genes))
+    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=[str(i) for i in range(x.shape[0])]),
+                       var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    t0 = time.perf_counter()
+    write_sharded(zarr.open_group(store_dir, mode="w"), adata)
+    return time.perf_counter() - t0
+
+
+def _run(store_dir: Path, *, batch_size: int, chunk_size: int, preload_nchunks: int,
+         max_batches: int, seed: int) -> dict:
+    import anndata as ad
+    import numpy as np
+    import zarr
+    from annbatch import Loader
+    from annbatch.samplers import RandomSampler
+
+    x = ad.io.sparse_dataset(zarr.open_group(store_dir, mode="r")["X"])
+    sampler = RandomSampler(chunk_size=chunk_size, preload_nchunks=preload_nchunks,
+                            batch_size=batch_size, drop_last=True,
+                            rng=np.random.default_rng(seed))
+    # record the chunk slices annbatch reads: a batch's source blocks are counted exactly
+    # (its chunks are not aligned to multiples of chunk_size after the short one)
+    chunk_starts: list[int] = []
+    sample = sampler.sample
+
+    def recording(n_obs):
+        for request in sample(n_obs):
+            chunk_starts.extend(int(sl.start) for sl in request["requests"])
+            yield request
+
+    sampler.sample = recording
+    loader = Loader(batch_sampler=sampler, return_index=True,
+                    preload_to_gpu=False).add_dataset(x)
+    cells = nnz = 0
+    batch_index = []
+    cpu0, t0 = _cpu_seconds(), time.perf_counter()
+    for i, batch in enumerate(loader):
+        if i >= max_batches:
+            break
+        xb = batch["X"]
+        cells += xb.shape[0]
+        nnz += xb.nnz
+        batch_index.append(np.asarray(batch["index"]))
+    seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    bounds = np.unique(chunk_starts)
+    distinct = [len(np.unique(np.searchsorted(bounds, idx, side="right"))) for idx in batch_index]
+    return {"cells": cells, "nnz": nnz, "seconds": seconds, "cpu_seconds": cpu,
+            "cells_per_s": cells / seconds, "mb_per_s": nnz * 8 / seconds / 1e6,
+            "cells_per_cpu_s": cells / cpu,
+            "blocks_per_batch": float(np.mean(distinct)), "peak_rss_mb": _peak_rss_mb()}
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--npy-dir", type=Path, required=True)
+    p.add_argument("--store-dir", type=Path, required=True)
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--chunk-size", type=int, default=256)
+    p.add_argument("--preload-nchunks", type=int, default=32)
+    p.add_argument("--max-batches", type=int, default=10**9)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    import annbatch
+
+    write_s = None
+    if not (args.store_dir / "zarr.json").exists():
+        write_s = _write(args.npy_dir, args.store_dir)
+    result = _run(args.store_dir, batch_size=args.batch_size, chunk_size=args.chunk_size,
+                  preload_nchunks=args.preload_nchunks, max_batches=args.max_batches,
+                  seed=args.seed)
+    result.update(annbatch_version=annbatch.__version__, write_seconds=write_s,
+                  chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
+                  batch_size=args.batch_size)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
