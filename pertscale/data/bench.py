@@ -72,13 +72,14 @@ def simulate_counts(n_cells: int, n_genes: int, nnz_per_cell: float, *, seed: in
 
 
 def write_simulated(uri: str, n_cells: int, n_genes: int, nnz_per_cell: float,
-                    seed: int) -> float:
+                    seed: int, codec: str = "zstd") -> float:
     from pertscale.store import StoreWriter
 
     var = pd.DataFrame({"gene_symbol": [f"G{i}" for i in range(n_genes)]},
                        index=[f"ENSG{i:011d}" for i in range(n_genes)])
     t0 = time.perf_counter()
-    with StoreWriter(uri, var=var, raw_counts=True, source={"file": "simulated"}) as w:
+    with StoreWriter(uri, var=var, raw_counts=True, source={"file": "simulated"},
+                     codec=codec) as w:
         for x, obs in simulate_counts(n_cells, n_genes, nnz_per_cell, seed=seed):
             w.append(x, obs)
     return time.perf_counter() - t0
@@ -281,6 +282,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-batches", type=int, default=10**9, help="stop each run early")
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats; best reported")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codec", choices=["zstd", "lz4"], default="zstd",
+                   help="blosc codec of the simulated store's X (annbatch writes lz4)")
     p.add_argument("--peer", choices=sorted(PEERS), help="also run this loader on the same cells")
     p.add_argument("--peer-python", help="python of a venv with the peer installed")
     p.add_argument("--work-dir", help="scratch directory (default: a temporary one, removed)")
@@ -306,13 +309,14 @@ def main(argv: list[str]) -> int:
             print(f"simulating {args.n_cells} cells x {args.n_genes} genes into {uri} ...",
                   flush=True)
             write_s = write_simulated(uri, args.n_cells, args.n_genes, args.nnz_per_cell,
-                                      args.seed)
+                                      args.seed, codec=args.codec)
         from pertscale.store import open_store
 
         store = open_store(uri)
         result: dict[str, Any] = {
             "store": uri, "n_cells": store.n_cells, "n_genes": store.n_genes, "nnz": store.nnz,
             "batch_size": args.batch_size, "write_seconds": write_s,
+            "codec": args.codec if args.store is None else None,
             "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
         }
         ceiling_runs: list[dict[str, Any]] = []

@@ -25,7 +25,7 @@ class AppendArray:
 
     def __init__(self, kv: ts.KvStore, kv_spec: dict[str, Any], path: str, dtype: Any, *,
                  shard_values: int, chunk_values: int,
-                 compression_level: int = DEFAULT_COMPRESSION_LEVEL):
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL, codec: str = "zstd"):
         self.path = path
         self.dtype = np.dtype(dtype)
         self.shard_values = shard_values
@@ -36,7 +36,7 @@ class AppendArray:
                              f"chunk_values={chunk_values}")
         spec = array_spec(kv_spec, path, self.dtype, shard_values=shard_values,
                           chunk_values=chunk_values, create=True,
-                          compression_level=compression_level)
+                          compression_level=compression_level, codec=codec)
         self._arr = ts.open(spec).result()
         self._buf = np.empty(shard_values, self.dtype)  # the shard being filled
         self._fill = 0
@@ -115,7 +115,7 @@ class ColumnSink:
 
     def __init__(self, kv: ts.KvStore, kv_spec: dict[str, Any], path: str, first: pd.Series, *,
                  strings: str, shard_values: int, chunk_values: int,
-                 compression_level: int = DEFAULT_COMPRESSION_LEVEL):
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL, codec: str = "zstd"):
         self.path = path
         make = lambda sub, dtype: AppendArray(
             kv, kv_spec, sub, dtype, shard_values=shard_values, chunk_values=chunk_values,

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from pertscale.store.format import local_path
+from pertscale.store.format import CODECS, local_path
 from pertscale.store.ingest import VALUE_KINDS, IngestConfig, ingest
 from pertscale.store.reader import open_store, read_store_attrs
 from pertscale.store.stats import FLAVORS, highly_variable_genes, size_factors
@@ -40,6 +40,8 @@ def ingest_main(argv: list[str]) -> int:
     p.add_argument("--shard-values", type=int, default=IngestConfig.shard_values)
     p.add_argument("--compression-level", type=int, default=IngestConfig.compression_level,
                    help="zstd level, 1-22")
+    p.add_argument("--codec", choices=CODECS, default=IngestConfig.codec,
+                   help="blosc codec of X: zstd (smaller, object storage) or lz4 (faster local reads)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete store of other data at --out")
     p.add_argument("--quiet", action="store_true")
@@ -50,7 +52,7 @@ def ingest_main(argv: list[str]) -> int:
         gene_id_column=args.gene_id_column, gene_symbol_column=args.gene_symbol_column,
         block_rows=args.block_rows,
         chunk_values=args.chunk_values, shard_values=args.shard_values,
-        compression_level=args.compression_level, overwrite=args.overwrite)
+        compression_level=args.compression_level, codec=args.codec, overwrite=args.overwrite)
 
     def progress(name: str, done: int, total: int) -> None:
         if not args.quiet:

@@ -25,8 +25,10 @@ import pandas as pd
 from pertscale.config import Config, check_choice, check_range
 from pertscale.store.collection import write_collection
 from pertscale.store.format import (
+    CODECS,
     COLLECTION_NAME,
     DEFAULT_CHUNK_VALUES,
+    DEFAULT_CODEC,
     DEFAULT_COMPRESSION_LEVEL,
     DEFAULT_SHARD_VALUES,
     FORMAT_NAME,
@@ -55,6 +57,7 @@ class IngestConfig(Config):
     chunk_values: int = DEFAULT_CHUNK_VALUES  # values per inner zarr chunk
     shard_values: int = DEFAULT_SHARD_VALUES  # values per shard file of X/indices and X/data
     compression_level: int = DEFAULT_COMPRESSION_LEVEL  # zstd level (1-22)
+    codec: str = DEFAULT_CODEC  # blosc codec of X: zstd (smaller) or lz4 (faster reads)
     overwrite: bool = False  # replace a complete store of other data at the output path
 
     def __post_init__(self) -> None:
@@ -67,6 +70,7 @@ class IngestConfig(Config):
         check_range("chunk_values", self.chunk_values, 1)
         check_range("shard_values", self.shard_values, self.chunk_values)
         check_range("compression_level", self.compression_level, 1, 22)
+        check_choice("codec", self.codec, CODECS)
 
 
 def file_sha256(path: Path, block: int = 1 << 24) -> str:
@@ -175,7 +179,7 @@ def ingest_h5ad(path: str | Path, out: str | Path, cfg: IngestConfig | None = No
         with StoreWriter(out, var=var, raw_counts=cfg.values == "raw_counts", source=source,
                          overwrite=cfg.overwrite, chunk_values=cfg.chunk_values,
                          shard_values=cfg.shard_values,
-                         compression_level=cfg.compression_level) as writer:
+                         compression_level=cfg.compression_level, codec=cfg.codec) as writer:
             for start in range(0, n_cells, cfg.block_rows):
                 stop = min(start + cfg.block_rows, n_cells)
                 try:

@@ -26,7 +26,9 @@ import scipy.sparse as sp
 import pertscale
 from pertscale.store.arrays import AppendArray, ColumnSink
 from pertscale.store.format import (
+    CODECS,
     DEFAULT_CHUNK_VALUES,
+    DEFAULT_CODEC,
     DEFAULT_COMPRESSION_LEVEL,
     DEFAULT_SHARD_VALUES,
     FORMAT_NAME,
@@ -86,6 +88,7 @@ class StoreWriter:
                  chunk_values: int = DEFAULT_CHUNK_VALUES,
                  shard_values: int = DEFAULT_SHARD_VALUES,
                  compression_level: int = DEFAULT_COMPRESSION_LEVEL,
+                 codec: str = DEFAULT_CODEC,
                  extra_attrs: dict[str, Any] | None = None):
         self.uri = str(out_uri)
         self.raw_counts = bool(raw_counts)
@@ -100,7 +103,10 @@ class StoreWriter:
                              f"({shard_values})")
         if not 1 <= compression_level <= 22:
             raise ValueError(f"compression_level={compression_level} is outside [1, 22] (zstd)")
+        if codec not in CODECS:
+            raise ValueError(f"codec={codec!r} is not one of {list(CODECS)}")
         self._level = compression_level
+        self._codec = codec
         prepare_output(self.uri, overwrite=overwrite)
         Path(local_path(self.uri)).mkdir(parents=True, exist_ok=True)
         self._kv = open_kvstore(self.uri)
@@ -116,8 +122,8 @@ class StoreWriter:
             * chunk_values
         self._table_chunk = min(chunk_values, self._table_shard)
         self._indptr = self._array(X_INDPTR, np.int64, table=True)
-        self._indices = self._array(X_INDICES, np.int32, shard_values=shard_values)
-        self._data = self._array(X_DATA, np.float32, shard_values=shard_values)
+        self._indices = self._array(X_INDICES, np.int32, shard_values=shard_values, codec=codec)
+        self._data = self._array(X_DATA, np.float32, shard_values=shard_values, codec=codec)
         self._indptr.append(np.zeros(1, np.int64))
         self.n_cells = 0
         self.nnz = 0
@@ -130,11 +136,11 @@ class StoreWriter:
         self._closed = False
 
     def _array(self, path: str, dtype: Any, *, table: bool = False,
-               shard_values: int | None = None) -> AppendArray:
+               shard_values: int | None = None, codec: str = DEFAULT_CODEC) -> AppendArray:
         return AppendArray(self._kv, self._kv_spec, path, dtype,
                            shard_values=self._table_shard if table else shard_values,
                            chunk_values=self._table_chunk if table else self._chunk,
-                           compression_level=self._level)
+                           compression_level=self._level, codec=codec)
 
     def _sink(self, group: str, name: str, first: pd.Series, strings: str) -> ColumnSink:
         return ColumnSink(self._kv, self._kv_spec, f"{group}/{name}", first, strings=strings,

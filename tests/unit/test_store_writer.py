@@ -209,3 +209,19 @@ def test_zarr_python_reads_the_store(tmp_path):
     group = zarr.open_group(str(tmp_path / "s"), mode="r")
     np.testing.assert_array_equal(group["X/data"][:], X.data)
     assert group.attrs["n_cells"] == 100
+
+
+def test_lz4_codec_round_trips_and_is_recorded(tmp_path):
+    x = make_counts(300, 20)
+    with StoreWriter(tmp_path / "s", var=make_var(20), raw_counts=True, codec="lz4", **TINY) as w:
+        w.append(x, make_obs(300))
+    store = open_store(tmp_path / "s")
+    assert (store.read_csr(0, 300) != x).nnz == 0
+    meta = json.loads((tmp_path / "s" / "X" / "data" / "zarr.json").read_text())
+    assert '"cname": "lz4"' in json.dumps(meta)
+
+
+def test_unknown_codec_names_the_choices(tmp_path):
+    with pytest.raises(ValueError, match=r"codec='gzip' is not one of \['zstd', 'lz4'\]"):
+        StoreWriter(tmp_path / "s", var=make_var(4), raw_counts=True, codec="gzip")
+    assert not (tmp_path / "s").exists()
