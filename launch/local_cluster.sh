@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# A 2-node Ray cluster on this machine: a head node and a second node with its own resources,
+# then `pertscale pretrain` against it; both nodes stop when the run ends. Cluster knowledge
+# only: the training logic lives in the CLI.
+#   launch/local_cluster.sh --data.store_uri=storage/stores/sim [overrides...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+RAY_PORT="${RAY_PORT:-6390}"
+HEAD_CPUS="${HEAD_CPUS:-1}"
+WORKER_CPUS="${WORKER_CPUS:-1}"
+CONFIG="${PERTSCALE_CONFIG:-configs/scgpt_debug.toml}"
+BIN="${BIN:-.venv/bin}"
+TMP_DIR="${RAY_TMP_DIR:-/tmp/pertscale-ray-$RAY_PORT}"
+# NOTE: a cluster of this one machine; token auth (on by default for `ray start`) would need
+# the token handed to the second node and the driver. Real clusters keep it on.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-disabled}"
+
+# NOTE: nodes run with --block in the background and are stopped by their own pids, so this
+# never touches other Ray clusters on the machine (`ray stop` would stop them all).
+pids=()
+cleanup() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; wait || true; }
+trap cleanup EXIT
+
+"$BIN/ray" start --head --block --port="$RAY_PORT" --num-cpus="$HEAD_CPUS" \
+  --include-dashboard=false --temp-dir="$TMP_DIR" --resources='{"node_head": 1}' &
+pids+=($!)
+until (exec 3<>"/dev/tcp/127.0.0.1/$RAY_PORT") 2>/dev/null; do sleep 1; done  # head's GCS is up
+# The second node: its own raylet and resources on this machine, joining the head.
+"$BIN/ray" start --block --address="127.0.0.1:$RAY_PORT" --num-cpus="$WORKER_CPUS" \
+  --resources='{"node_second": 1}' &
+pids+=($!)
+# No wait needed: the trainer's 2 one-CPU workers only fit once the second node has joined.
+
+"$BIN/pertscale" pretrain --config "$CONFIG" --address="127.0.0.1:$RAY_PORT" \
+  --trainer.num_workers=2 --trainer.cpus_per_worker=1 "$@"

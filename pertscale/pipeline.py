@@ -1,0 +1,138 @@
+"""The quickstart pipeline: simulate -> ingest -> verify -> stats -> pretrain -> fit GenePert ->
+evaluate, on the embedded default (local Ray, SQLite MLflow under the storage root).
+
+Each step runs the same `pertscale` command a user would type, so the quickstart exercises the
+real command line end to end; a failing step stops the pipeline and is named in the error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import time
+from pathlib import Path
+
+from pertscale.config import Config, ConfigError, check_choice, load_config
+from pertscale.data.synthetic import SimulatorConfig
+from pertscale.paths import storage_root
+
+__all__ = ["QuickstartConfig", "STEPS", "run_quickstart", "main"]
+
+STEPS = ("simulate", "ingest", "verify", "stats", "pretrain", "genepert", "evaluate")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _quickstart_simulation() -> SimulatorConfig:
+    # Small enough for a laptop CPU in seconds; large enough that models beat the baselines.
+    return SimulatorConfig(n_genes=500, n_cells=12000, n_single_perturbations=60,
+                           n_double_perturbations=30)
+
+
+@dataclasses.dataclass
+class QuickstartConfig(Config):
+    """The quickstart job (configs/quickstart.toml)."""
+
+    workdir: str = ""
+    """Folder for the simulated files and the store; "" = <storage root>/quickstart."""
+    steps: list[str] = dataclasses.field(default_factory=lambda: list(STEPS))
+    """Steps to run, in pipeline order (a subset of STEPS)."""
+    simulate: SimulatorConfig = dataclasses.field(default_factory=_quickstart_simulation)
+    """The simulated Perturb-seq screen."""
+    hvg_top_genes: int = 200
+    """Highly variable genes reported by the stats step (seurat_v3 on counts)."""
+    pretrain_config: str = "configs/scgpt_debug.toml"
+    """Pretraining job file; its store is the quickstart's."""
+    pretrain_overrides: list[str] = dataclasses.field(default_factory=list)
+    """Extra --section.field=value overrides for pretraining."""
+    genepert_config: str = "configs/genepert.toml"
+    """GenePert job file; store and embeddings are the quickstart's."""
+    genepert_overrides: list[str] = dataclasses.field(default_factory=list)
+    """Extra overrides for the GenePert fit."""
+    evaluate_config: str = "configs/evaluate.toml"
+    """Evaluation job file (evaluates the registered GenePert beside the baselines)."""
+    evaluate_overrides: list[str] = dataclasses.field(default_factory=list)
+    """Extra overrides for the evaluation."""
+
+    def __post_init__(self) -> None:
+        for step in self.steps:
+            check_choice("steps[]", step, STEPS)
+        if self.hvg_top_genes < 1:
+            raise ConfigError(f"hvg_top_genes={self.hvg_top_genes} must be >= 1")
+
+
+def _config_path(path: str) -> str:
+    """A job file relative to the working directory, else to the repository."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return str(p)
+    return str(REPO_ROOT / p)
+
+
+def _command(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def _simulate_args(cfg: SimulatorConfig) -> list[str]:
+    return [f"--{key}={value!r}" if isinstance(value, str) else f"--{key}={value}"
+            for key, value in cfg.to_dict().items()]
+
+
+def run_quickstart(cfg: QuickstartConfig) -> list[tuple[str, float, int]]:
+    """Run the configured steps; returns (step, seconds, exit code) rows."""
+    work = Path(cfg.workdir) if cfg.workdir else storage_root() / "quickstart"
+    sim_dir, store = work / "simulated", work / "store"
+    work.mkdir(parents=True, exist_ok=True)
+    commands = {
+        "simulate": ("pertscale.data.synthetic_cli:main",
+                     ["--out", str(sim_dir), "--overwrite", "--quiet", *_simulate_args(cfg.simulate)]),
+        "ingest": ("pertscale.store.commands:ingest_main",
+                   [str(sim_dir / "cells.h5ad"), "--out", str(store), "--overwrite", "--quiet"]),
+        "verify": ("pertscale.store.commands:verify_main", [str(store)]),
+        "stats": ("pertscale.store.commands:stats_main",
+                  [str(store), "--flavor", "seurat_v3", "--n-top-genes", str(cfg.hvg_top_genes),
+                   "--out", str(work / "stats")]),
+        "pretrain": ("pertscale.training.commands:pretrain_main",
+                     ["--config", _config_path(cfg.pretrain_config), "--no-progress",
+                      f"--data.store_uri={store}", *cfg.pretrain_overrides]),
+        "genepert": ("pertscale.eval.commands:fit_main",
+                     ["genepert", "--config", _config_path(cfg.genepert_config),
+                      f"--data.store_uri={store}",
+                      f"--embeddings.path={sim_dir / 'gene_embeddings.npz'}",
+                      *cfg.genepert_overrides]),
+        "evaluate": ("pertscale.eval.commands:evaluate_main",
+                     ["--config", _config_path(cfg.evaluate_config), f"--data.store_uri={store}",
+                      *cfg.evaluate_overrides]),
+    }
+    rows = []
+    for step in STEPS:
+        if step not in cfg.steps:
+            continue
+        target, argv = commands[step]
+        print(f"\n=== quickstart: {step} ===", flush=True)
+        start = time.perf_counter()
+        rc = int(_command(target)(argv) or 0)
+        rows.append((step, time.perf_counter() - start, rc))
+        if rc != 0:
+            raise RuntimeError(f"quickstart step {step!r} failed with exit code {rc} "
+                               f"(command: pertscale {target.split(':')[0]} {' '.join(argv)})")
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="pertscale quickstart", description=__doc__)
+    parser.add_argument("--config", default=_config_path("configs/quickstart.toml"),
+                        help="job file (job = \"quickstart\")")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides, job="quickstart")
+    total = time.perf_counter()
+    rows = run_quickstart(cfg)
+    print("\nquickstart summary")
+    print(f"  {'step':<10} {'seconds':>8}  status")
+    for step, seconds, rc in rows:
+        print(f"  {step:<10} {seconds:>8.1f}  {'ok' if rc == 0 else f'exit {rc}'}")
+    print(f"  {'total':<10} {time.perf_counter() - total:>8.1f}")
+    print(f"  MLflow: {storage_root() / 'mlflow'} (mlflow ui --backend-store-uri "
+          f"sqlite:///{storage_root() / 'mlflow' / 'mlflow.db'})")
+    return 0

@@ -1,0 +1,147 @@
+"""Training checkpoints: what one rank writes and reads back to resume exactly.
+
+A checkpoint is one directory; every rank writes its own files into a local directory and Ray
+Train merges the ranks' files into one directory in its storage (local path or s3://):
+
+    engine/latest, engine/state/...   DeepSpeed `save_checkpoint` (every rank's ZeRO shards)
+    loader_rank{r}.json               the rank's CellLoader.state_dict()
+    rng_rank{r}.pt                    python, numpy, torch (and CUDA) RNG + the tokenizer generator
+    progress_rank{r}.json             step, cells/tokens consumed, digest of the consumed cell ids
+    model/                            rank 0, final checkpoint only: full fp32 weights
+                                      (safetensors), config, gene vocabulary, manifest
+    meta.json                         rank 0: step, world size, ZeRO stage, final flag, and the
+                                      step this attempt resumed from (null: started fresh)
+
+They are written in that order (engine state, loader, RNG, step) and the directory is reported
+only when complete, so a checkpoint Ray registers is always whole. `meta.json` says what a
+checkpoint is; resuming with a different world size or ZeRO stage is refused, because both
+the ZeRO shards and the loader's per-rank plan depend on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ENGINE_DIR",
+    "ENGINE_TAG",
+    "META_FILE",
+    "MODEL_DIR",
+    "CheckpointError",
+    "Progress",
+    "capture_rng",
+    "load_rank_state",
+    "read_meta",
+    "restore_rng",
+    "save_rank_state",
+    "write_meta",
+]
+
+ENGINE_DIR = "engine"
+ENGINE_TAG = "state"
+MODEL_DIR = "model"
+META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot resume this job; the message names the file and the mismatch."""
+
+
+@dataclasses.dataclass
+class Progress:
+    """How far one rank has come: optimizer steps, micro-batches, cells and tokens consumed, and
+    a chained sha256 over the consumed cell indices (equal digests = the same cells, in order)."""
+
+    step: int = 0
+    micro_step: int = 0
+    cells: int = 0
+    tokens: int = 0
+    cells_digest: str = ""
+
+    def consume(self, cell_index: np.ndarray, num_tokens: int) -> None:
+        h = hashlib.sha256(self.cells_digest.encode())
+        h.update(np.ascontiguousarray(cell_index, dtype=np.int64).tobytes())
+        self.cells_digest = h.hexdigest()
+        self.cells += len(cell_index)
+        self.tokens += int(num_tokens)
+        self.micro_step += 1
+
+
+def capture_rng(generator: torch.Generator) -> dict[str, Any]:
+    """Every random state the loop draws from: python, numpy, torch CPU/CUDA, the tokenizer's."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_rank_state(ckpt_dir: Path, rank: int, *, engine, loader_state: dict[str, Any],
+                    rng_state: dict[str, Any], progress: Progress) -> None:
+    """Write this rank's part, in order: engine state (collective: every rank calls it), loader
+    state, RNG states, progress."""
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    engine.save_checkpoint(str(ckpt_dir / ENGINE_DIR), tag=ENGINE_TAG,
+                           client_state={"step": progress.step})
+    (ckpt_dir / f"loader_rank{rank}.json").write_text(json.dumps(loader_state))
+    torch.save(rng_state, ckpt_dir / f"rng_rank{rank}.pt")
+    (ckpt_dir / f"progress_rank{rank}.json").write_text(
+        json.dumps(dataclasses.asdict(progress)))
+
+
+def load_rank_state(ckpt_dir: Path, rank: int, *, engine) -> tuple[dict, dict, Progress]:
+    """Restore the engine (collective) and return (loader state, RNG state, progress) of `rank`."""
+    files = [ckpt_dir / f"{kind}_rank{rank}.{ext}"
+             for kind, ext in (("loader", "json"), ("rng", "pt"), ("progress", "json"))]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt_dir} lacks {missing} for rank {rank}")
+    load_path, client_state = engine.load_checkpoint(str(ckpt_dir / ENGINE_DIR), tag=ENGINE_TAG)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no engine state under {ckpt_dir / ENGINE_DIR}")
+    loader_state = json.loads(files[0].read_text())
+    # NOTE: weights_only=False: numpy's RNG state is a tuple holding an ndarray; the file is one
+    # this job wrote into its own run storage.
+    rng_state = torch.load(files[1], weights_only=False)
+    progress = Progress(**json.loads(files[2].read_text()))
+    if client_state.get("step") != progress.step:
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir}: engine step {client_state.get('step')} != "
+            f"progress step {progress.step} of rank {rank}")
+    return loader_state, rng_state, progress
+
+
+def write_meta(ckpt_dir: Path, meta: dict[str, Any]) -> None:
+    (ckpt_dir / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def read_meta(ckpt_dir: Path, *, world_size: int | None = None,
+              zero_stage: int | None = None) -> dict[str, Any]:
+    """The checkpoint's meta.json, checked against the resuming job's world size / ZeRO stage."""
+    path = ckpt_dir / META_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no {META_FILE}: not a complete pertscale checkpoint")
+    meta = json.loads(path.read_text())
+    for key, want in (("world_size", world_size), ("zero_stage", zero_stage)):
+        if want is not None and meta.get(key) != want:
+            raise CheckpointError(
+                f"checkpoint {ckpt_dir} was written with {key}={meta.get(key)}; this job has "
+                f"{key}={want}. Resume with the same {key}, or start a new run name")
+    return meta

@@ -1,0 +1,152 @@
+"""`pertscale pretrain`: the driver of a pretraining run.
+
+    pertscale pretrain --config configs/scgpt_debug.toml [--address ray://host:10001 | auto]
+                       [--no-progress] [--section.field=value ...]
+
+The driver checks the config and the store, opens the MLflow run (MLFLOW_TRACKING_URI, when
+set, overrides the embedded sqlite default), starts or joins the Ray cluster, runs the
+TorchTrainer with a progress bar, and logs and registers the final weights (safetensors with
+the config and gene vocabulary). Model registration happens here, on the driver, never in a
+worker. An unreachable tracking server costs a warning; training goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from pertscale.config import load_config
+from pertscale.training.checkpoint import MODEL_DIR, read_meta
+from pertscale.training.config import PretrainJobConfig
+from pertscale.training.engine import resolve_backend
+from pertscale.training.trainer import (
+    ProgressBoard,
+    build_trainer,
+    fit_with_progress,
+    init_ray,
+    new_run_name,
+)
+
+__all__ = ["PretrainResult", "pretrain_main", "run_pretrain"]
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    """What a finished run left behind."""
+
+    run_name: str
+    checkpoint_dir: str
+    """The final checkpoint (engine states, loader/RNG states, model/ with the weights)."""
+    metrics: dict[str, Any]
+    """Rank 0's last reported metrics (step, cells, cells_digest, ...)."""
+    mlflow_run_id: str | None
+    model_uri: str | None
+    """models:/pertscale-<model>/<version>, or None when tracking was off or unreachable."""
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.checkpoint_dir) / MODEL_DIR
+
+
+def _resolve_store(job: PretrainJobConfig) -> tuple[PretrainJobConfig, Any]:
+    """Open the store on the driver (a bad URI fails here, naming it) and make a local path
+    absolute, since workers do not share the driver's working directory."""
+    from pertscale.store import open_store
+
+    uri = job.data.store_uri
+    if not uri:
+        raise ValueError("data.store_uri is empty: pass --data.store_uri=PATH_OR_URI")
+    if "://" not in uri:
+        uri = str(Path(uri).resolve())
+    store = open_store(uri)
+    need = job.data.batch_size * job.trainer.num_workers
+    if store.n_cells < need:
+        raise ValueError(f"store {uri} has {store.n_cells} cells, fewer than one micro-batch on "
+                         f"every worker (data.batch_size={job.data.batch_size} x "
+                         f"trainer.num_workers={job.trainer.num_workers} = {need})")
+    data = dataclasses.replace(job.data, store_uri=uri)
+    return dataclasses.replace(job, data=data), store
+
+
+def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
+                 show_progress: bool = True) -> PretrainResult:
+    """Pretrain `job` on the Ray cluster at `address` (or an embedded one) and register the
+    final weights; see the module docstring."""
+    import ray
+
+    from pertscale.tracking import RunLogger, log_model, resolve_tracking_uri
+    from pertscale.tracking.registry import load_model_dir
+    from pertscale.training.loop import train_loop_per_worker
+
+    job, store = _resolve_store(job)
+    tr = job.trainer
+    backend = resolve_backend(job.engine, tr.use_gpu)
+    run_name = tr.run_name or new_run_name(job.model.name)
+    init_ray(tr, address)
+
+    logger = None
+    run: dict[str, Any] = {"run_id": None, "tracking_uri": None}
+    if job.tracking.enabled:
+        tracking_uri = resolve_tracking_uri(job.tracking)
+        logger = RunLogger(dataclasses.replace(job.tracking, uri=tracking_uri),
+                           run_name=run_name,
+                           tags={"job": "pretrain", "store_fingerprint": store.fingerprint,
+                                 "store_uri": job.data.store_uri})
+        run.update(run_id=logger.run_id if logger.active else None, tracking_uri=tracking_uri)
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    run["progress_board"] = board
+    trainer = build_trainer(train_loop_per_worker, {"job": job.to_dict(), "run": run}, tr,
+                            backend=backend, run_name=run_name)
+    try:
+        result = fit_with_progress(trainer, board, tr.max_steps, show=show_progress)
+    except BaseException:
+        if logger is not None:
+            logger.end("FAILED")
+        raise
+    finally:
+        ray.kill(board)
+    if result.error is not None:
+        if logger is not None:
+            logger.end("FAILED")
+        raise result.error
+    ckpt_dir = Path(result.checkpoint.path)
+    meta = read_meta(ckpt_dir)
+    if not meta.get("final"):
+        raise RuntimeError(f"run {run_name} ended without its final checkpoint ({ckpt_dir})")
+
+    model_uri = None
+    if logger is not None:
+        state_dict, config, vocab = load_model_dir(ckpt_dir / MODEL_DIR)
+        model_uri = log_model(logger, job.model.name, state_dict, config, vocab,
+                              tags={"store_fingerprint": store.fingerprint,
+                                    "ray_run": run_name, "checkpoint": str(ckpt_dir)},
+                              register=job.tracking.register)
+        logger.end("FINISHED")
+    return PretrainResult(run_name=run_name, checkpoint_dir=str(ckpt_dir),
+                          metrics=dict(result.metrics or {}),
+                          mlflow_run_id=run["run_id"], model_uri=model_uri)
+
+
+def pretrain_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pertscale pretrain",
+        description="Pretrain a model with DeepSpeed ZeRO on Ray Train; any other "
+                    "--section.field=value argument overrides the config file.")
+    parser.add_argument("--config", required=True, help="job config file (job = \"pretrain\")")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (auto, ray://host:10001, host:6379); "
+                             "default: start an embedded local cluster")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args, overrides = parser.parse_known_args(argv)
+    job = load_config(args.config, overrides, job="pretrain")
+    assert isinstance(job, PretrainJobConfig)
+    result = run_pretrain(job, address=args.address, show_progress=not args.no_progress)
+    print(json.dumps({"run_name": result.run_name, "checkpoint": result.checkpoint_dir,
+                      "step": result.metrics.get("step"), "cells": result.metrics.get("cells"),
+                      "mlflow_run_id": result.mlflow_run_id, "model_uri": result.model_uri},
+                     indent=2))
+    return 0

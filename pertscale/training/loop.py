@@ -1,0 +1,224 @@
+"""The per-worker pretraining function that Ray Train runs on every rank.
+
+`train_loop_per_worker(config)` receives everything through its config dict (no module
+globals): the job config as a plain dict under "job" and the driver's run facts under "run"
+(tracking URI and MLflow run id, the progress board actor). It builds, for its rank, the loader,
+the tokenizer, the model and the DeepSpeed engine, restores the latest checkpoint when Ray hands
+one over, then trains to `trainer.max_steps` optimizer steps.
+
+Every rank draws the same number of batches per epoch (the loader guarantees it), so the ZeRO
+collectives never wait on a rank that ran dry. Only rank 0 talks to MLflow and the progress
+board; metrics are reduced over all ranks first.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pertscale.constants import CELL_INDEX, CU_SEQLENS, GENE_IDS, PADDING_MASK
+from pertscale.training.checkpoint import (
+    MODEL_DIR,
+    Progress,
+    capture_rng,
+    load_rank_state,
+    read_meta,
+    restore_rng,
+    save_rank_state,
+    write_meta,
+)
+
+__all__ = ["InjectedFailure", "peak_flops", "train_loop_per_worker"]
+
+# Dense bf16 peak FLOP/s of common accelerators, for model FLOPs utilisation.
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+               "A10G": 70e12, "A10": 125e12, "V100": 125e12}
+
+
+class InjectedFailure(RuntimeError):
+    """Raised by `trainer.fail_at_step`: a worker failure on purpose."""
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak FLOP/s of a known GPU model; None on CPUs and unknown devices (no MFU logged)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+
+
+def _num_tokens(tokens: dict[str, Any]) -> int:
+    """Real (non-pad) tokens of a token batch, in either layout."""
+    if CU_SEQLENS in tokens:
+        return int(tokens[GENE_IDS].numel())
+    return int((~tokens[PADDING_MASK]).sum())
+
+
+def _to_device(tokens: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in tokens.items()}
+
+
+def _seed_rank(seed: int, rank: int) -> torch.Generator:
+    """Per-rank streams for dropout (torch), numpy, python, and the tokenizer's masking."""
+    stream = seed * 1_000_003 + rank + 1
+    random.seed(stream)
+    np.random.seed(stream % 2**32)
+    torch.manual_seed(stream)
+    return torch.Generator().manual_seed(stream)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Pretrain on this rank; see the module docstring for what `config` holds."""
+    import ray.train
+
+    from pertscale.data.loader import build_loader
+    from pertscale.data.tokenizer import Tokenizer
+    from pertscale.models import build_model
+    from pertscale.training.config import PretrainJobConfig
+    from pertscale.training.engine import build_ds_config, build_engine, full_state_dict
+
+    job = PretrainJobConfig.from_dict(config["job"])
+    run = config["run"]
+    tr, eng = job.trainer, job.engine
+    torch.set_num_threads(tr.torch_threads)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = (torch.device("cuda", torch.cuda.current_device()) if tr.use_gpu
+              else torch.device("cpu"))
+
+    loader = build_loader(job.data, rank=rank, world_size=world)
+    if loader.num_batches == 0:
+        raise ValueError(f"store {job.data.store_uri} has {loader.store.n_cells} cells: too few "
+                         f"for one batch of data.batch_size={job.data.batch_size} cells on each "
+                         f"of {world} workers")
+    vocab = loader.store.vocab
+    tokenizer = Tokenizer(job.tokenizer, vocab)
+    ds_config = build_ds_config(eng, micro_batch_size=job.data.batch_size, world_size=world,
+                                total_steps=tr.max_steps, use_gpu=tr.use_gpu)
+    torch.manual_seed(tr.seed)  # identical initial weights on every rank
+    # NOTE: built in full, then sharded by deepspeed.initialize (not under zero.Init): the
+    # models initialise some weights after their submodules exist, which zero.Init forbids.
+    model = build_model(job.model, vocab_size=len(vocab))
+    engine = build_engine(model, ds_config)
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                   for p in engine.module.parameters())
+    generator = _seed_rank(tr.seed, rank)
+    progress = Progress()
+
+    restored = ray.train.get_checkpoint()
+    resumed_from = None
+    if restored is not None:
+        with restored.as_directory() as ckpt_dir:
+            read_meta(Path(ckpt_dir), world_size=world, zero_stage=eng.zero_stage)
+            loader_state, rng_state, progress = load_rank_state(Path(ckpt_dir), rank,
+                                                                engine=engine)
+        loader.load_state_dict(loader_state)
+        resumed_from = progress.step
+        restore_rng(rng_state, generator)
+
+    logger = None
+    if rank == 0 and run.get("run_id"):
+        from pertscale.tracking import RunLogger, TrackingConfig
+
+        logger = RunLogger(TrackingConfig(uri=run["tracking_uri"],
+                                          experiment=job.tracking.experiment),
+                           run_id=run["run_id"])
+        if restored is None:
+            logger.log_params({**job.to_dict(), "engine.ds_config": ds_config,
+                               "model.num_params": n_params, "trainer.world_size": world})
+    flops_peak = peak_flops(device)
+    board = run.get("progress_board")
+    if tr.fail_at_step >= 0 and board is None:
+        raise ValueError("trainer.fail_at_step needs the driver's progress board (which holds the "
+                         "once-only failure ticket): launch with run_pretrain / pertscale pretrain")
+    fail_here = tr.fail_at_step >= 0 and rank == world - 1
+
+    def checkpoint(final: bool) -> None:
+        with tempfile.TemporaryDirectory(prefix=f"pertscale-ckpt-r{rank}-") as tmp:
+            out = Path(tmp)
+            save_rank_state(out, rank, engine=engine, loader_state=loader.state_dict(),
+                            rng_state=capture_rng(generator), progress=progress)
+            if final:
+                weights = full_state_dict(engine)  # collective under ZeRO-3
+                if rank == 0:
+                    from pertscale.tracking import save_model_dir
+
+                    save_model_dir(out / MODEL_DIR, job.model.name, weights,
+                                   job.to_dict(), vocab.tokens)
+            if rank == 0:
+                write_meta(out, {"step": progress.step, "world_size": world,
+                                 "zero_stage": eng.zero_stage, "final": final,
+                                 "cells": progress.cells, "num_params": n_params,
+                                 "resumed_from": resumed_from})
+            metrics = {"step": progress.step, "final": final, "cells": progress.cells,
+                       "cells_digest": progress.cells_digest}
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(out),
+                             checkpoint_dir_name=f"checkpoint_{progress.step:08d}"
+                             + ("_final" if final else ""))
+
+    def fresh_window() -> dict[str, float]:
+        return {"loss": 0.0, "micro": 0, "cells": 0, "tokens": 0, "t0": time.perf_counter()}
+
+    window, model_sums = fresh_window(), {}
+    engine.train()
+    while progress.step < tr.max_steps:
+        for batch in loader:
+            if fail_here and progress.step == tr.fail_at_step and \
+                    ray.get(board.claim_failure.remote()):
+                raise InjectedFailure(
+                    f"trainer.fail_at_step={tr.fail_at_step}: rank {rank} fails on purpose")
+            tokens = tokenizer(batch, generator=generator)  # layout from tokenizer.layout
+            n_tokens = _num_tokens(tokens)
+            out = engine(_to_device(tokens, device))
+            engine.backward(out.loss)
+            engine.step()
+            progress.consume(batch[CELL_INDEX], n_tokens)
+            window["loss"] += float(out.loss.detach())
+            window["micro"] += 1
+            window["cells"] += len(batch[CELL_INDEX])
+            window["tokens"] += n_tokens
+            for name, value in out.metrics.items():  # the model's own terms, e.g. mlm_mse
+                if name != "n_masked":
+                    model_sums[name] = model_sums.get(name, 0.0) + float(value)
+            if progress.micro_step % eng.grad_accum_steps != 0:
+                continue  # inside an accumulation window: DeepSpeed stepped no optimizer
+            progress.step += 1
+            if progress.step % tr.log_every == 0 or progress.step == tr.max_steps:
+                names = sorted(model_sums)  # the same on every rank: one model
+                loss_sum, micro, cells, n_tok, *term_sums = _all_reduce_sum(
+                    [window["loss"], window["micro"], window["cells"], window["tokens"],
+                     *(model_sums[n] for n in names)], device)
+                elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+                metrics = {"loss": loss_sum / max(micro, 1), "lr": float(engine.get_lr()[0]),
+                           "cells_per_s": cells / elapsed, "tokens_per_s": n_tok / elapsed,
+                           "epoch": float(loader.epoch),
+                           **{n: v / max(micro, 1) for n, v in zip(names, term_sums)}}
+                if flops_peak:
+                    # 6 N FLOPs per token (forward + backward) over all ranks' devices.
+                    metrics["mfu"] = 6 * n_params * n_tok / elapsed / (flops_peak * world)
+                if logger is not None:
+                    logger.log_metrics(metrics, step=progress.step)
+                if rank == 0 and board is not None:
+                    board.post.remote(progress.step, metrics)
+                window, model_sums = fresh_window(), {}
+            if progress.step >= tr.max_steps:
+                break
+            if progress.step % tr.checkpoint_every == 0:
+                checkpoint(final=False)
+    checkpoint(final=True)

@@ -1,0 +1,204 @@
+"""Ray Train wiring: the embedded or remote Ray cluster, and a TorchTrainer that runs the
+per-worker loop with ScalingConfig, FailureConfig and RunConfig(storage_path) from the config.
+
+`init_ray(address)` connects to a running cluster when given an address and otherwise starts an
+embedded local one with an explicit CPU count; either way every worker gets DS_ACCELERATOR
+(cpu when no GPU is used) and OMP_NUM_THREADS through the job's runtime environment.
+
+A run lives under `<storage_path>/<run_name>`. Launching again with the same storage path and
+run name resumes it from its latest checkpoint (Ray Train restores the run's state); a worker
+failure within a run restarts every worker from the latest checkpoint, up to `max_failures`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pertscale.config import Config, ConfigError, check_range
+from pertscale.paths import storage_root
+
+__all__ = [
+    "ProgressBoard",
+    "TrainerConfig",
+    "build_trainer",
+    "fit_with_progress",
+    "init_ray",
+    "new_run_name",
+    "run_storage_path",
+    "worker_env",
+]
+
+@dataclasses.dataclass
+class TrainerConfig(Config):
+    """The training run: length, workers, checkpoints, failures, logging."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train (each = engine.grad_accum_steps micro-batches on every worker)."""
+    num_workers: int = 2
+    """Ray Train workers (data-parallel ranks)."""
+    use_gpu: bool = False
+    """One GPU per worker (nccl) instead of CPUs (gloo, DS_ACCELERATOR=cpu)."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker."""
+    torch_threads: int = 1
+    """torch intra-op threads per worker (keep workers x threads <= cores)."""
+    seed: int = 0
+    """Seed of the model initialisation and of every rank's masking / dropout streams."""
+    checkpoint_every: int = 100
+    """Optimizer steps between checkpoints (a final one is always written)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in the run's storage (the latest is never deleted)."""
+    max_failures: int = 1
+    """Worker-group restarts from the latest checkpoint before the run fails."""
+    fail_at_step: int = -1
+    """Failure injection for tests and drills: the last rank raises after this many optimizer
+    steps, once per launch (Ray then restarts the workers from the latest checkpoint); -1 = off."""
+    log_every: int = 10
+    """Optimizer steps between metric logs (loss, lr, cells/s, tokens/s, MFU on GPUs)."""
+    storage_path: str = ""
+    """Ray Train storage for checkpoints: a local folder or s3://...; empty = <storage root>/runs."""
+    run_name: str = ""
+    """Run folder under storage_path; reuse a name to resume that run; empty = a fresh name."""
+    ray_num_cpus: int = 0
+    """CPUs of the embedded local Ray cluster (ignored with --address); 0 = all cores."""
+
+    def __post_init__(self) -> None:
+        check_range("max_steps", self.max_steps, 1)
+        check_range("num_workers", self.num_workers, 1)
+        check_range("cpus_per_worker", self.cpus_per_worker, 0)
+        check_range("torch_threads", self.torch_threads, 1)
+        check_range("seed", self.seed, 0)
+        check_range("checkpoint_every", self.checkpoint_every, 1)
+        check_range("keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("max_failures", self.max_failures, -1)
+        check_range("fail_at_step", self.fail_at_step, -1)
+        if self.fail_at_step >= self.max_steps:
+            raise ConfigError(f"fail_at_step={self.fail_at_step} must be below "
+                             f"max_steps={self.max_steps} (or -1 = off)")
+        check_range("log_every", self.log_every, 1)
+        check_range("ray_num_cpus", self.ray_num_cpus, 0)
+
+
+def worker_env(use_gpu: bool, torch_threads: int) -> dict[str, str]:
+    """Environment every worker needs before it imports deepspeed."""
+    env = {"OMP_NUM_THREADS": str(torch_threads)}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"
+    elif "DS_ACCELERATOR" in os.environ:
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    return env
+
+
+def init_ray(cfg: TrainerConfig, address: str | None = None) -> None:
+    """Connect to the cluster at `address`, or start an embedded local cluster. A Ray session
+    already open in this process (tests, notebooks) is reused as is."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    runtime_env = {"env_vars": worker_env(cfg.use_gpu, cfg.torch_threads)}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.ray_num_cpus or os.cpu_count(), include_dashboard=False,
+                 runtime_env=runtime_env)
+
+
+def run_storage_path(cfg: TrainerConfig) -> str:
+    """Absolute storage path (workers run elsewhere: a relative path would not mean the same)."""
+    if cfg.storage_path.startswith(("s3://", "gs://", "gcs://")):
+        return cfg.storage_path
+    path = Path(cfg.storage_path) if cfg.storage_path else storage_root() / "runs"
+    path = path.resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def build_trainer(train_fn, loop_config: dict[str, Any], cfg: TrainerConfig, *, backend: str,
+                  run_name: str):
+    """The TorchTrainer for `train_fn(loop_config)` on `cfg.num_workers` workers."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_fn,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend=backend),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=run_storage_path(cfg),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+
+
+class ProgressBoard:
+    """A tiny Ray actor body owned by the driver, outliving worker restarts: rank 0 posts
+    (step, metrics) and the driver polls them for its bar; it also holds the one ticket of
+    `trainer.fail_at_step`, so an injected failure happens once per launch."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.metrics: dict[str, float] = {}
+        self.failure_ticket = True
+
+    def claim_failure(self) -> bool:
+        claimed, self.failure_ticket = self.failure_ticket, False
+        return claimed
+
+    def post(self, step: int, metrics: dict[str, float]) -> None:
+        self.step = step
+        self.metrics = dict(metrics)
+
+    def read(self) -> tuple[int, dict[str, float]]:
+        return self.step, self.metrics
+
+
+def fit_with_progress(trainer, board, total_steps: int, *, show: bool = True,
+                      poll_s: float = 0.5):
+    """Run `trainer.fit()` in a thread while a tqdm bar on the driver follows `board`."""
+    import ray
+    from tqdm import tqdm
+
+    outcome: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the driver thread below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="pertscale-fit", daemon=True)
+    thread.start()
+    with tqdm(total=total_steps, unit="step", disable=not show, dynamic_ncols=True) as bar:
+        while thread.is_alive():
+            thread.join(poll_s)
+            try:
+                step, metrics = ray.get(board.read.remote(), timeout=5)
+            except Exception:  # noqa: BLE001, S112 - the bar is cosmetic; fit decides
+                continue
+            bar.n = min(step, total_steps)
+            if metrics:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()
+                                 if k in ("loss", "cells_per_s", "tokens_per_s")}, refresh=False)
+            bar.refresh()
+        bar.n = min(ray.get(board.read.remote())[0], total_steps)
+        bar.refresh()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def new_run_name(prefix: str = "pretrain") -> str:
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"

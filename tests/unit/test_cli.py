@@ -1,0 +1,48 @@
+"""The command table: every command and benchmark resolves to a callable, and the CLI reports
+unknown commands and config errors in words with a non-zero exit."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+
+from pertscale.bench import BENCHES
+from pertscale.bench import main as bench_main
+from pertscale.cli import COMMANDS, main
+
+
+def _resolve(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_resolves(name):
+    assert callable(_resolve(COMMANDS[name][0]))
+
+
+@pytest.mark.parametrize("name", sorted(BENCHES))
+def test_every_benchmark_resolves(name):
+    assert callable(_resolve(BENCHES[name]))
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_unknown_command_and_benchmark_fail_with_the_choices(capsys):
+    assert main(["pretrian"]) == 2
+    assert "unknown command 'pretrian'" in capsys.readouterr().err
+    assert bench_main(["loadr"]) == 2
+    assert "choices: ['ingest', 'loader', 'train']" in capsys.readouterr().err
+
+
+def test_console_script_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "pertscale", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "usage: pertscale" in out.stdout
