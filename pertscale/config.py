@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 __all__ = [
+    "JOBS",
     "Config",
     "ConfigError",
-    "JOBS",
+    "apply_overrides",
     "check_choice",
     "check_range",
     "config_from_dict",
-    "load_config",
-    "apply_overrides",
-    "parse_overrides",
     "flatten_dict",
+    "load_config",
+    "parse_overrides",
 ]
 
 C = TypeVar("C", bound="Config")
@@ -63,13 +63,13 @@ class Config:
     """Base for every config dataclass: plain values only, validated on construction."""
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any], *, path: str = "") -> C:
+    def from_dict(cls, data: dict[str, Any], *, path: str = "") -> typing.Self:
         return config_from_dict(cls, data, path=path)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self: C, **changes: Any) -> C:
+    def replace(self, **changes: Any) -> typing.Self:
         return config_from_dict(type(self), {**self.to_dict(), **changes})
 
 

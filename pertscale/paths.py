@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["storage_root", "default_tracking_uri"]
+__all__ = ["default_tracking_uri", "storage_root"]
 
 
 def storage_root() -> Path:

@@ -17,7 +17,7 @@ from pertscale.config import Config, ConfigError, check_choice, load_config
 from pertscale.data.synthetic import SimulatorConfig
 from pertscale.paths import storage_root
 
-__all__ = ["QuickstartConfig", "STEPS", "run_quickstart", "main"]
+__all__ = ["STEPS", "QuickstartConfig", "main", "run_quickstart"]
 
 STEPS = ("simulate", "ingest", "verify", "stats", "pretrain", "genepert", "evaluate")
 REPO_ROOT = Path(__file__).resolve().parents[1]

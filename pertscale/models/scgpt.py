@@ -143,6 +143,22 @@ class MVCDecoder(nn.Module):
         return (self.W(query) * cell_emb_tok).sum(-1)
 
 
+class GeneEmbedding(nn.Embedding):
+    """Gene token embedding initialised as scGPT's init_weights: uniform(-0.1, 0.1), <pad> zero.
+
+    NOTE: the init lives in `reset_parameters` (called by nn.Embedding.__init__) so that it runs
+    while the module is built: under deepspeed.zero.Init a weight is partitioned as soon as its
+    module exists, and a parent module cannot write into it afterwards."""
+
+    def __init__(self, vocab_size: int, d_model: int):
+        super().__init__(vocab_size, d_model, padding_idx=PAD_ID)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.uniform_(-0.1, 0.1)
+            self.weight[PAD_ID].zero_()
+
+
 class ScGPT(nn.Module):
     """forward(token batch) -> LossOutput(loss, metrics {mlm_mse, gepc_mse, n_masked},
     outputs {predictions (layout of the batch), gepc_predictions, cell_emb [B, C]})."""
@@ -162,10 +178,7 @@ class ScGPT(nn.Module):
         self.attention_backend = attention_backend
         self.generative = generative
         self.gepc_weight = gepc_weight
-        self.gene_embedding = nn.Embedding(vocab_size, C, padding_idx=PAD_ID)
-        with torch.no_grad():  # scGPT's init_weights: uniform(-0.1, 0.1); <pad> stays zero
-            self.gene_embedding.weight.uniform_(-0.1, 0.1)
-            self.gene_embedding.weight[PAD_ID].zero_()
+        self.gene_embedding = GeneEmbedding(vocab_size, C)
         self.gene_norm = nn.LayerNorm(C)
         self.value_encoder = (ContinuousValueEncoder(C, dropout) if value_encoder == "continuous"
                               else CategoryValueEncoder(n_bins, C))

@@ -14,7 +14,16 @@ from pertscale.tracking.registry import (
 )
 
 __all__ = [
-    "RunLogger", "TrackingConfig", "resolve_tracking_uri", "PulledModel", "RegistryError",
-    "code_version", "load_model_dir", "log_model", "parse_model_uri", "pull_model",
-    "registered_name", "save_model_dir",
+    "PulledModel",
+    "RegistryError",
+    "RunLogger",
+    "TrackingConfig",
+    "code_version",
+    "load_model_dir",
+    "log_model",
+    "parse_model_uri",
+    "pull_model",
+    "registered_name",
+    "resolve_tracking_uri",
+    "save_model_dir",
 ]

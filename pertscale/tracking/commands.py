@@ -19,7 +19,7 @@ def pull_main(argv: list[str]) -> int:
     n_params = sum(t.numel() for t in pulled.state_dict.values())
     print(f"pulled {pulled.name} version {pulled.version} ({args.uri})")
     print(f"  path:       {pulled.path}")
-    print(f"  verified:   model.safetensors, config.json, vocab.json (sha256)")
+    print("  verified:   model.safetensors, config.json, vocab.json (sha256)")
     print(f"  tensors:    {len(pulled.state_dict)} ({n_params:,} parameters)")
     print(f"  vocab size: {len(pulled.vocab)}")
     for key, value in sorted(pulled.tags.items()):

@@ -13,13 +13,13 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urlparse
 
 from pertscale.config import Config, flatten_dict
 from pertscale.paths import default_tracking_uri, storage_root
 
-__all__ = ["TrackingConfig", "RunLogger", "resolve_tracking_uri"]
+__all__ = ["RunLogger", "TrackingConfig", "resolve_tracking_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class RunLogger:
         if self._owns_run:
             self._call("end_run", self._client_call, "set_terminated", self.run_id, status)
 
-    def __enter__(self) -> RunLogger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -24,8 +24,17 @@ import torch
 from pertscale import __version__
 from pertscale.tracking.logger import RunLogger, TrackingConfig, resolve_tracking_uri
 
-__all__ = ["RegistryError", "PulledModel", "log_model", "pull_model", "registered_name",
-           "parse_model_uri", "code_version", "save_model_dir", "load_model_dir"]
+__all__ = [
+    "PulledModel",
+    "RegistryError",
+    "code_version",
+    "load_model_dir",
+    "log_model",
+    "parse_model_uri",
+    "pull_model",
+    "registered_name",
+    "save_model_dir",
+]
 
 MODEL_FILES = ("model.safetensors", "config.json", "vocab.json")
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
@@ -54,7 +63,7 @@ def registered_name(model_name: str) -> str:
 def code_version() -> str:
     """pertscale version plus the git commit of the working tree when there is one."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, check=False,
                              text=True, timeout=5, cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""

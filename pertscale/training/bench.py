@@ -109,6 +109,7 @@ def _zero_worker(config: dict[str, Any]) -> None:
         EngineConfig,
         build_ds_config,
         build_engine,
+        model_init_context,
     )
     from pertscale.training.step_bench import StepBenchConfig, synthetic_csr_batch
 
@@ -125,8 +126,9 @@ def _zero_worker(config: dict[str, Any]) -> None:
         micro_batch_size=cfg.batch_size, world_size=world, total_steps=cfg.steps + 1,
         use_gpu=cfg.use_gpu)
     torch.manual_seed(0)
-    model = build_model(ModelConfig(d_model=cfg.d_model, n_layers=cfg.n_layers,
-                                    d_ff=cfg.d_ff, n_heads=8), vocab_size=cfg.n_genes + 3)
+    with model_init_context(ds_config):  # ZeRO-3: partitioned while it is built
+        model = build_model(ModelConfig(d_model=cfg.d_model, n_layers=cfg.n_layers,
+                                        d_ff=cfg.d_ff, n_heads=8), vocab_size=cfg.n_genes + 3)
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine = build_engine(model, ds_config)
     sb = StepBenchConfig(batch_size=cfg.batch_size, median_genes=cfg.median_genes,

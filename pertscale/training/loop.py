@@ -91,7 +91,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pertscale.data.tokenizer import Tokenizer
     from pertscale.models import build_model
     from pertscale.training.config import PretrainJobConfig
-    from pertscale.training.engine import build_ds_config, build_engine, full_state_dict
+    from pertscale.training.engine import (
+        build_ds_config,
+        build_engine,
+        full_state_dict,
+        model_init_context,
+    )
 
     job = PretrainJobConfig.from_dict(config["job"])
     run = config["run"]
@@ -112,9 +117,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ds_config = build_ds_config(eng, micro_batch_size=job.data.batch_size, world_size=world,
                                 total_steps=tr.max_steps, use_gpu=tr.use_gpu)
     torch.manual_seed(tr.seed)  # identical initial weights on every rank
-    # NOTE: built in full, then sharded by deepspeed.initialize (not under zero.Init): the
-    # models initialise some weights after their submodules exist, which zero.Init forbids.
-    model = build_model(job.model, vocab_size=len(vocab))
+    # Under ZeRO-3 the model is built inside deepspeed.zero.Init: each weight is partitioned
+    # as soon as its module exists, so no rank ever holds the whole model.
+    with model_init_context(ds_config):
+        model = build_model(job.model, vocab_size=len(vocab))
     engine = build_engine(model, ds_config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in engine.module.parameters())

@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 import torch
 
+from pertscale.cli import main as cli_main
 from pertscale.tracking import (
     RegistryError,
     RunLogger,
@@ -18,7 +19,6 @@ from pertscale.tracking import (
     log_model,
     pull_model,
 )
-from pertscale.cli import main as cli_main
 
 
 def _free_port() -> int:
