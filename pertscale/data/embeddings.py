@@ -16,12 +16,13 @@ name the file and the offending genes / columns.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from pertscale.checksums import file_sha256
 
 __all__ = ["EMBEDDING_SUFFIXES", "GeneEmbeddings", "file_sha256", "load_embeddings"]
 
@@ -57,12 +58,6 @@ class GeneEmbeddings:
         return sorted(g for g in set(genes) if g not in self._row)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _suffix(path: Path) -> str:

@@ -53,12 +53,7 @@ def plot_de_deltas(data: PerturbationData, conditions: list[str],
         ax.legend(fontsize=7, ncol=4, loc="best")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_metric_bars(summary: pd.DataFrame, metric: str, path: str | Path, *,
@@ -82,6 +77,10 @@ def plot_metric_bars(summary: pd.DataFrame, metric: str, path: str | Path, *,
     ax.set_ylabel(label or metric)
     ax.set_title(f"{label or metric} per model and baseline (mean over perturbations)")
     ax.legend(fontsize=8)
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,6 @@ output path is an error unless `overwrite`. For several inputs each member is on
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import h5py
 import pandas as pd
 
+from pertscale.checksums import file_sha256
 from pertscale.config import Config, check_choice, check_range
 from pertscale.store.collection import write_collection
 from pertscale.store.format import (
@@ -73,12 +73,6 @@ class IngestConfig(Config):
         check_choice("codec", self.codec, CODECS)
 
 
-def file_sha256(path: Path, block: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _open_matrix(f: h5py.File, path: Path, counts_from: str) -> tuple[Any, pd.DataFrame]:

@@ -11,7 +11,6 @@ An artifact folder `model/` holds:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from pertscale import __version__
+from pertscale.checksums import file_sha256
 from pertscale.tracking.logger import RunLogger, TrackingConfig, resolve_tracking_uri
 
 __all__ = [
@@ -70,12 +70,6 @@ def code_version() -> str:
     return f"{__version__}+{rev}" if rev else __version__
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_model_dir(out_dir: Path, model_name: str, state_dict: dict[str, torch.Tensor],
@@ -90,7 +84,7 @@ def save_model_dir(out_dir: Path, model_name: str, state_dict: dict[str, torch.T
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
     (out_dir / "vocab.json").write_text(json.dumps(list(vocab)))
     manifest = {"model_name": model_name, "pertscale_version": __version__,
-                "files": {name: _sha256(out_dir / name) for name in MODEL_FILES}}
+                "files": {name: file_sha256(out_dir / name) for name in MODEL_FILES}}
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out_dir
 
@@ -107,7 +101,7 @@ def load_model_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any],
         file = path / name
         if not file.is_file():
             raise RegistryError(f"model file {file} is missing")
-        actual = _sha256(file)
+        actual = file_sha256(file)
         if actual != expected:
             raise RegistryError(
                 f"model file {file} fails verification: sha256 {actual} != manifest {expected}")

@@ -32,6 +32,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 import pertscale
+from pertscale.checksums import file_sha256
 from pertscale.data.synthetic.annotations import (
     GoAnnotations,
     build_gene_embeddings,
@@ -107,12 +108,6 @@ def write_h5ad_blocks(path: str | Path, blocks: Iterable[tuple[sp.csr_matrix, pd
     return len(obs), nnz
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -230,7 +225,7 @@ def write_dataset(cfg: SimulatorConfig, out_dir: str | Path | None, *,
             "config": cfg.to_dict(), "config_sha256": config_sha,
             "n_cells": n_cells, "n_genes": cfg.n_genes, "nnz": int(nnz),
             "n_conditions": len(truth.conditions), "store": store,
-            "files": {p.name: _sha256(p) for p in sorted(tmp.iterdir())},
+            "files": {p.name: file_sha256(p) for p in sorted(tmp.iterdir())},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
