@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 2
+# NOTE: DeepSpeed JIT-builds a small op at first use, under a lock file in this folder; one per
+# checkout, so a build killed elsewhere can never leave a lock that hangs this one.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 .PHONY: venv quickstart test test-fast bench-ingest clean
 
