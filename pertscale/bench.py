@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 BENCHES: dict[str, str] = {
@@ -21,5 +20,6 @@ def main(argv: list[str]) -> int:
         print(f"pertscale bench: unknown benchmark {name!r}; choices: {sorted(BENCHES)}",
               file=sys.stderr)
         return 2
-    module, func = BENCHES[name].split(":")
-    return int(getattr(importlib.import_module(module), func)(argv[1:]) or 0)
+    from pertscale.cli import resolve
+
+    return int(resolve(BENCHES[name])(argv[1:]) or 0)

@@ -27,6 +27,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def resolve(target: str):
+    """The function named by a "module:function" table entry (imported on first use)."""
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    """Run the subcommand `name` with `argv` as `pertscale name argv...` would."""
+    return int(resolve(COMMANDS[name][0])(argv) or 0)
+
+
 def _usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: pertscale <command> [args]", "", "commands:"]
@@ -43,10 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"pertscale: unknown command {name!r}; commands: {sorted(COMMANDS)}", file=sys.stderr)
         return 2
-    module, func = COMMANDS[name][0].split(":")
-    entry = getattr(importlib.import_module(module), func)
     try:
-        return int(entry(rest) or 0)
+        return run_command(name, rest)
     except ConfigError as e:
         print(f"pertscale {name}: config error: {e}", file=sys.stderr)
         return 2

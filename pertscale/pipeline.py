@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
+import sys
 import time
 from pathlib import Path
 
+from pertscale.cli import run_command
 from pertscale.config import Config, ConfigError, check_choice, load_config
 from pertscale.data.synthetic import SimulatorConfig
 from pertscale.paths import storage_root
 
-__all__ = ["STEPS", "QuickstartConfig", "main", "run_quickstart"]
+__all__ = ["STEPS", "QuickstartConfig", "QuickstartError", "main", "run_quickstart"]
 
 STEPS = ("simulate", "ingest", "verify", "stats", "pretrain", "genepert", "evaluate")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +62,16 @@ class QuickstartConfig(Config):
             raise ConfigError(f"hvg_top_genes={self.hvg_top_genes} must be >= 1")
 
 
+class QuickstartError(RuntimeError):
+    """A pipeline step exited non-zero; the message names the step and its command line."""
+
+
 def _config_path(path: str) -> str:
     """A job file relative to the working directory, else to the repository."""
     p = Path(path)
     if p.is_file() or p.is_absolute():
         return str(p)
     return str(REPO_ROOT / p)
-
-
-def _command(target: str):
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
 
 
 def _simulate_args(cfg: SimulatorConfig) -> list[str]:
@@ -84,39 +84,36 @@ def run_quickstart(cfg: QuickstartConfig) -> list[tuple[str, float, int]]:
     work = Path(cfg.workdir) if cfg.workdir else storage_root() / "quickstart"
     sim_dir, store = work / "simulated", work / "store"
     work.mkdir(parents=True, exist_ok=True)
+    # step -> the `pertscale` command line it runs (command name first)
     commands = {
-        "simulate": ("pertscale.data.synthetic_cli:main",
-                     ["--out", str(sim_dir), "--overwrite", "--quiet", *_simulate_args(cfg.simulate)]),
-        "ingest": ("pertscale.store.commands:ingest_main",
-                   [str(sim_dir / "cells.h5ad"), "--out", str(store), "--overwrite", "--quiet"]),
-        "verify": ("pertscale.store.commands:verify_main", [str(store)]),
-        "stats": ("pertscale.store.commands:stats_main",
-                  [str(store), "--flavor", "seurat_v3", "--n-top-genes", str(cfg.hvg_top_genes),
-                   "--out", str(work / "stats")]),
-        "pretrain": ("pertscale.training.commands:pretrain_main",
-                     ["--config", _config_path(cfg.pretrain_config), "--no-progress",
-                      f"--data.store_uri={store}", *cfg.pretrain_overrides]),
-        "genepert": ("pertscale.eval.commands:fit_main",
-                     ["genepert", "--config", _config_path(cfg.genepert_config),
-                      f"--data.store_uri={store}",
-                      f"--embeddings.path={sim_dir / 'gene_embeddings.npz'}",
-                      *cfg.genepert_overrides]),
-        "evaluate": ("pertscale.eval.commands:evaluate_main",
-                     ["--config", _config_path(cfg.evaluate_config), f"--data.store_uri={store}",
-                      *cfg.evaluate_overrides]),
+        "simulate": ["simulate", "--out", str(sim_dir), "--overwrite", "--quiet",
+                     *_simulate_args(cfg.simulate)],
+        "ingest": ["ingest", str(sim_dir / "cells.h5ad"), "--out", str(store), "--overwrite",
+                   "--quiet"],
+        "verify": ["verify", str(store)],
+        "stats": ["stats", str(store), "--flavor", "seurat_v3",
+                  "--n-top-genes", str(cfg.hvg_top_genes), "--out", str(work / "stats")],
+        "pretrain": ["pretrain", "--config", _config_path(cfg.pretrain_config), "--no-progress",
+                     f"--data.store_uri={store}", *cfg.pretrain_overrides],
+        "genepert": ["fit", "genepert", "--config", _config_path(cfg.genepert_config),
+                     f"--data.store_uri={store}",
+                     f"--embeddings.path={sim_dir / 'gene_embeddings.npz'}",
+                     *cfg.genepert_overrides],
+        "evaluate": ["evaluate", "--config", _config_path(cfg.evaluate_config),
+                     f"--data.store_uri={store}", *cfg.evaluate_overrides],
     }
     rows = []
     for step in STEPS:
         if step not in cfg.steps:
             continue
-        target, argv = commands[step]
+        command, *argv = commands[step]
         print(f"\n=== quickstart: {step} ===", flush=True)
         start = time.perf_counter()
-        rc = int(_command(target)(argv) or 0)
+        rc = run_command(command, argv)
         rows.append((step, time.perf_counter() - start, rc))
         if rc != 0:
-            raise RuntimeError(f"quickstart step {step!r} failed with exit code {rc} "
-                               f"(command: pertscale {target.split(':')[0]} {' '.join(argv)})")
+            raise QuickstartError(f"quickstart step {step!r} failed with exit code {rc} "
+                               f"(command: pertscale {command} {' '.join(argv)})")
     return rows
 
 
@@ -127,7 +124,11 @@ def main(argv: list[str]) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_config(args.config, overrides, job="quickstart")
     total = time.perf_counter()
-    rows = run_quickstart(cfg)
+    try:
+        rows = run_quickstart(cfg)
+    except QuickstartError as e:
+        print(f"pertscale quickstart: {e}", file=sys.stderr)
+        return 1
     print("\nquickstart summary")
     print(f"  {'step':<10} {'seconds':>8}  status")
     for step, seconds, rc in rows:

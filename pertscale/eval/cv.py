@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pertscale.cluster import start_ray
 from pertscale.config import Config, ConfigError, check_choice, check_range
 from pertscale.data.embeddings import GeneEmbeddings
 from pertscale.data.perturbation import PerturbationData
@@ -68,14 +69,7 @@ class RayConfig(Config):
 
 def ensure_ray(cfg: RayConfig) -> None:
     """Connect to `cfg.address`, or start the embedded local cluster; reuse a running session."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+    start_ray(cfg.address, num_cpus=cfg.num_cpus, log_to_driver=False)
 
 
 def _fold_scores(x_PD: np.ndarray, y_PG: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,

@@ -21,6 +21,7 @@ from pertscale.store.format import (
     FORMAT_VERSION,
     StoreError,
     group_meta,
+    join_uri,
     local_path,
     open_kvstore,
     write_json,
@@ -40,10 +41,6 @@ def _member_name(path: str) -> str:
     return rest if head.isdigit() and rest else name
 
 
-def _join(uri: str, path: str) -> str:
-    return uri.rstrip("/") + "/" + path
-
-
 def write_collection(uri: str, member_paths: list[str]) -> dict[str, Any]:
     """Commit a collection at `uri` over complete member stores at `uri`/<member path>.
     Returns the root attributes."""
@@ -51,7 +48,7 @@ def write_collection(uri: str, member_paths: list[str]) -> dict[str, Any]:
         raise ValueError("a collection needs at least one member store")
     members = []
     for path in member_paths:
-        store = open_store(_join(uri, path))
+        store = open_store(join_uri(uri, path))
         if not isinstance(store, CellStore):
             raise StoreError(f"collection member {path} is itself a collection")
         members.append((path, store))
@@ -108,7 +105,7 @@ class CellCollection:
         self.attrs = attrs
         self.members: list[CellStore] = []
         for m in attrs["members"]:
-            store = open_store(_join(uri, m["path"]), cache_bytes=cache_bytes)
+            store = open_store(join_uri(uri, m["path"]), cache_bytes=cache_bytes)
             if store.fingerprint != m["fingerprint"]:
                 raise StoreError(f"collection {uri}: member {m['path']} changed after the "
                                  "collection was written (fingerprint mismatch)")

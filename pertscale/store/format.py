@@ -29,6 +29,7 @@ __all__ = [
     "decode_column",
     "decode_strings",
     "group_meta",
+    "join_uri",
     "kvstore_spec",
     "local_path",
     "open_kvstore",
@@ -64,6 +65,11 @@ DEFAULT_CODEC = "zstd"
 
 class StoreError(ValueError):
     """A store that is missing, incomplete, corrupt or of an unknown format; names the uri."""
+
+
+def join_uri(uri: str, path: str) -> str:
+    """`path` under the store or collection at `uri` (a local path or an s3:// / gs:// URI)."""
+    return uri.rstrip("/") + "/" + path
 
 
 def local_path(uri: str) -> Path | None:

@@ -11,7 +11,7 @@ import dataclasses
 import hashlib
 from typing import Any
 
-from pertscale.store.format import COLLECTION_NAME, StoreError, open_kvstore
+from pertscale.store.format import COLLECTION_NAME, StoreError, join_uri, open_kvstore
 from pertscale.store.reader import read_store_attrs
 
 __all__ = ["VerifyReport", "verify_store"]
@@ -29,10 +29,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _join(uri: str, path: str) -> str:
-    return uri.rstrip("/") + "/" + path
 
 
 def _verify_manifest(uri: str, manifest: dict[str, list[dict[str, Any]]],
@@ -66,7 +62,7 @@ def verify_store(uri: str) -> VerifyReport:
         return report
     if attrs["pertscale_format"] == COLLECTION_NAME:
         for member in attrs["members"]:
-            sub = verify_store(_join(uri, member["path"]))
+            sub = verify_store(join_uri(uri, member["path"]))
             report.num_shards += sub.num_shards
             report.num_bytes += sub.num_bytes
             report.problems += [f"member {member['path']}: {p}" for p in sub.problems]
@@ -79,4 +75,4 @@ def verify_store(uri: str) -> VerifyReport:
 
 
 def _member_fingerprint(uri: str, member: dict[str, Any]) -> str:
-    return read_store_attrs(_join(uri, member["path"]))["fingerprint"]
+    return read_store_attrs(join_uri(uri, member["path"]))["fingerprint"]

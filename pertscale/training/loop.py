@@ -74,10 +74,11 @@ def _seed_rank(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(stream)
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def _all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Sum each value over ranks; 0-d tensors stay on their device until this one transfer."""
     import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
@@ -195,13 +196,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(out.loss)
             engine.step()
             progress.consume(batch[CELL_INDEX], n_tokens)
-            window["loss"] += float(out.loss.detach())
+            # NOTE: summed on the device in float64; read back once per log window, so a step
+            # never waits for the GPU just to record its loss.
+            window["loss"] = window["loss"] + out.loss.detach().double()
             window["micro"] += 1
             window["cells"] += len(batch[CELL_INDEX])
             window["tokens"] += n_tokens
             for name, value in out.metrics.items():  # the model's own terms, e.g. mlm_mse
                 if name != "n_masked":
-                    model_sums[name] = model_sums.get(name, 0.0) + float(value)
+                    model_sums[name] = model_sums.get(name, 0.0) + value.detach().double()
             if progress.micro_step % eng.grad_accum_steps != 0:
                 continue  # inside an accumulation window: DeepSpeed stepped no optimizer
             progress.step += 1

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pertscale.cluster import start_ray
 from pertscale.config import Config, ConfigError, check_range
 from pertscale.paths import storage_root
 
@@ -97,16 +98,8 @@ def worker_env(use_gpu: bool, torch_threads: int) -> dict[str, str]:
 def init_ray(cfg: TrainerConfig, address: str | None = None) -> None:
     """Connect to the cluster at `address`, or start an embedded local cluster. A Ray session
     already open in this process (tests, notebooks) is reused as is."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    runtime_env = {"env_vars": worker_env(cfg.use_gpu, cfg.torch_threads)}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(num_cpus=cfg.ray_num_cpus or os.cpu_count(), include_dashboard=False,
-                 runtime_env=runtime_env)
+    start_ray(address, num_cpus=cfg.ray_num_cpus or os.cpu_count(),
+              env_vars=worker_env(cfg.use_gpu, cfg.torch_threads))
 
 
 def run_storage_path(cfg: TrainerConfig) -> str:

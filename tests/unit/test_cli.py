@@ -3,7 +3,6 @@ unknown commands and config errors in words with a non-zero exit."""
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 
@@ -11,22 +10,17 @@ import pytest
 
 from pertscale.bench import BENCHES
 from pertscale.bench import main as bench_main
-from pertscale.cli import COMMANDS, main
-
-
-def _resolve(target: str):
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+from pertscale.cli import COMMANDS, main, resolve
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_command_resolves(name):
-    assert callable(_resolve(COMMANDS[name][0]))
+    assert callable(resolve(COMMANDS[name][0]))
 
 
 @pytest.mark.parametrize("name", sorted(BENCHES))
 def test_every_benchmark_resolves(name):
-    assert callable(_resolve(BENCHES[name]))
+    assert callable(resolve(BENCHES[name]))
 
 
 def test_help_lists_every_command(capsys):
