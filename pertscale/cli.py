@@ -20,9 +20,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("pertscale.store.commands:verify_main", "check every shard of a store against its checksums"),
     "info": ("pertscale.store.commands:info_main", "print a store's metadata"),
     "pretrain": ("pertscale.training.commands:pretrain_main", "pretrain a model with DeepSpeed ZeRO on Ray Train"),
-    "fit": ("pertscale.eval.commands:fit_main", "fit a perturbation model (genepert) on the Ray cluster"),
+    "fit": ("pertscale.eval.commands:fit_main", "fit a closed-form perturbation model (genepert) on the Ray cluster"),
     "evaluate": ("pertscale.eval.commands:evaluate_main", "evaluate models beside baselines and write a report"),
     "pull": ("pertscale.tracking.commands:pull_main", "fetch and verify a registered model (models:/NAME@ALIAS)"),
+    "alias": ("pertscale.tracking.commands:alias_main", "point an alias at a registered version (models:/NAME/3 champion)"),
+    "predict": ("pertscale.predict:main", "predict expression for perturbations with a registered model, as .h5ad or .csv"),
     "bench": ("pertscale.bench:main", "benchmarks: ingest, loader, train"),
 }
 

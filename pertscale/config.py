@@ -114,7 +114,10 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{field} must be a table of {tp.__name__} fields, got {value!r}")
-        return config_from_dict(tp, value, path=field)
+        # NOTE: a section whose class depends on its content (the [model] section: its `name`
+        # picks the model's config class) says so with a `variant(table) -> class` classmethod.
+        variant = getattr(tp, "variant", None)
+        return config_from_dict(variant(value) if variant else tp, value, path=field)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{field}={value!r} must be a number")
@@ -165,7 +168,7 @@ JOBS: dict[str, str] = {
     "quickstart": "pertscale.pipeline:QuickstartConfig",
     "simulate": "pertscale.data.synthetic:SimulatorConfig",
     "pretrain": "pertscale.training.config:PretrainJobConfig",
-    "genepert": "pertscale.eval.config:GenePertJobConfig",
+    "fit": "pertscale.eval.config:FitJobConfig",
     "evaluate": "pertscale.eval.config:EvaluateJobConfig",
 }
 

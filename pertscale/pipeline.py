@@ -1,5 +1,8 @@
-"""The quickstart pipeline: simulate -> ingest -> verify -> stats -> pretrain -> fit GenePert ->
-evaluate, on the embedded default (local Ray, SQLite MLflow under the storage root).
+"""The quickstart pipeline: simulate -> ingest -> verify -> stats -> pretrain scGPT -> fit GenePert
+on the supplied gene table -> fit GenePert on the pretrained scGPT's gene embeddings (lineage:
+its parent is that scgpt version) -> evaluate both registered GenePerts beside the baselines, on
+the embedded default (local Ray, SQLite MLflow under the storage root). Registered versions are
+addressed by the aliases the steps set (scgpt@quickstart, genepert@table, genepert@scgpt_genes).
 
 Each step runs the same `pertscale` command a user would type, so the quickstart exercises the
 real command line end to end; a failing step stops the pipeline and is named in the error.
@@ -20,7 +23,11 @@ from pertscale.paths import storage_root
 
 __all__ = ["STEPS", "QuickstartConfig", "QuickstartError", "main", "run_quickstart"]
 
-STEPS = ("simulate", "ingest", "verify", "stats", "pretrain", "genepert", "evaluate")
+STEPS = ("simulate", "ingest", "verify", "stats", "pretrain", "genepert", "genepert_scgpt",
+         "evaluate")
+# aliases the steps register and evaluate by
+SCGPT_URI = "models:/pertscale-scgpt@quickstart"
+GENEPERT_URIS = ("models:/pertscale-genepert@table", "models:/pertscale-genepert@scgpt_genes")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -94,13 +101,20 @@ def run_quickstart(cfg: QuickstartConfig) -> list[tuple[str, float, int]]:
         "stats": ["stats", str(store), "--flavor", "seurat_v3",
                   "--n-top-genes", str(cfg.hvg_top_genes), "--out", str(work / "stats")],
         "pretrain": ["pretrain", "--config", _config_path(cfg.pretrain_config), "--no-progress",
-                     f"--data.store_uri={store}", *cfg.pretrain_overrides],
+                     f"--data.store_uri={store}", "--alias", "quickstart",
+                     *cfg.pretrain_overrides],
         "genepert": ["fit", "genepert", "--config", _config_path(cfg.genepert_config),
-                     f"--data.store_uri={store}",
-                     f"--embeddings.path={sim_dir / 'gene_embeddings.npz'}",
+                     f"--data.store_uri={store}", "--run_name=genepert-table",
+                     f"--embeddings.path={sim_dir / 'gene_embeddings.npz'}", "--alias", "table",
                      *cfg.genepert_overrides],
+        "genepert_scgpt": ["fit", "genepert", "--config", _config_path(cfg.genepert_config),
+                           f"--data.store_uri={store}", "--run_name=genepert-scgpt-genes",
+                           f"--init_from={SCGPT_URI}", "--alias", "scgpt_genes",
+                           *cfg.genepert_overrides],
         "evaluate": ["evaluate", "--config", _config_path(cfg.evaluate_config),
-                     f"--data.store_uri={store}", *cfg.evaluate_overrides],
+                     f"--data.store_uri={store}",
+                     "--models=[" + ",".join(f'"{u}"' for u in GENEPERT_URIS) + "]",
+                     *cfg.evaluate_overrides],
     }
     rows = []
     for step in STEPS:

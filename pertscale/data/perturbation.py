@@ -6,7 +6,8 @@ Labels. A perturbation label names one gene ("KLF1"), a combination joined by "+
 `control_labels`). A leading "-" marks an inhibited gene ("-TP53+MYC"); otherwise a gene's sign
 comes from `sign_column` through `sign_values` (e.g. perturbation_type CRISPRa -> +1,
 CRISPRi -> -1), else +1. Genes of a combination are sorted, so "B+A" and "A+B" are the same
-perturbation.
+perturbation. A treatment that is not a gene (a stimulus such as IFN-beta, a drug) is declared in
+`treatments` (e.g. ["stim"]): it is kept apart from the genes and never looked up as one.
 
 Conditions. A condition is one perturbation in one covariate value (cell type, when
 `covariate_column` is set); every covariate value needs its own control cells. Cells can be
@@ -61,6 +62,7 @@ class PerturbationConfig(Config):
     filter_values: list[str] = dataclasses.field(default_factory=list)  # keep cells whose filter_column is one of these
     sign_column: str = ""  # obs column giving each cell's perturbation direction; "" = all +1
     sign_values: dict[str, int] = dataclasses.field(default_factory=dict)  # sign_column value -> +1 / -1
+    treatments: list[str] = dataclasses.field(default_factory=list)  # label parts that are treatments (e.g. a stimulus), not genes
     min_cells: int = 2  # conditions with fewer cells are left out (listed in the report)
     n_de_genes: int = 20  # top DE genes per condition (GEARS: 20)
     target_sum: float = 1e4  # per-cell total after normalising raw counts
@@ -76,6 +78,9 @@ class PerturbationConfig(Config):
             raise ConfigError("filter_column and filter_values must be given together")
         if self.sign_values and not self.sign_column:
             raise ConfigError("sign_values needs sign_column")
+        overlap = sorted(set(self.treatments) & set(self.control_labels))
+        if overlap:
+            raise ConfigError(f"treatments {overlap} are also control_labels")
         for value, sign in self.sign_values.items():
             if sign not in (1, -1):
                 raise ConfigError(f"sign_values.{value}={sign!r} must be 1 or -1")
@@ -89,39 +94,51 @@ class PerturbationConfig(Config):
 @dataclasses.dataclass(frozen=True)
 class Perturbation:
     """A canonical perturbation: sorted genes with a sign each (+1 activation / knock-out as
-    labelled, -1 inhibition). No genes = control."""
+    labelled, -1 inhibition) and sorted non-gene treatments. Neither = control."""
 
     genes: tuple[str, ...]
     signs: tuple[int, ...]
+    treatments: tuple[str, ...] = ()
 
     @property
     def is_control(self) -> bool:
-        return not self.genes
+        return not self.genes and not self.treatments
 
     @property
     def is_combo(self) -> bool:
-        return len(self.genes) > 1
+        return len(self.genes) + len(self.treatments) > 1
+
+    @property
+    def parts(self) -> tuple[tuple[str, int], ...]:
+        """(gene, sign) for each gene, then (treatment, +1) for each treatment."""
+        return (*zip(self.genes, self.signs), *((t, 1) for t in self.treatments))
 
     @property
     def name(self) -> str:
         if self.is_control:
             return "ctrl"
-        return "+".join(("-" if s < 0 else "") + g for g, s in zip(self.genes, self.signs))
+        return "+".join([("-" if s < 0 else "") + g for g, s in zip(self.genes, self.signs)]
+                        + list(self.treatments))
 
 
 def parse_perturbation(label: str, *, control_labels: Sequence[str] = ("ctrl", "control"),
-                       sign: int = 1) -> Perturbation:
-    """Parse one label (see the module docstring); `sign` applies to genes without a "-"."""
+                       sign: int = 1, treatments: Sequence[str] = ()) -> Perturbation:
+    """Parse one label (see the module docstring); `sign` applies to genes without a "-";
+    a part listed in `treatments` is a treatment, not a gene."""
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"perturbation label {label!r} is empty")
     text = label.strip()
     if text in control_labels:
         return Perturbation((), ())
     genes: dict[str, int] = {}
+    treated: set[str] = set()
     for part in text.split("+"):
         part = part.strip()
         if part in control_labels:
             continue  # GEARS writes singles as "GENE+ctrl"
+        if part in treatments:
+            treated.add(part)
+            continue
         gene_sign = sign
         if part.startswith("-"):
             part, gene_sign = part[1:].strip(), -sign
@@ -134,7 +151,7 @@ def parse_perturbation(label: str, *, control_labels: Sequence[str] = ("ctrl", "
                              f"list it in control_labels (now {list(control_labels)})")
         genes[part] = gene_sign
     order = sorted(genes)
-    return Perturbation(tuple(order), tuple(genes[g] for g in order))
+    return Perturbation(tuple(order), tuple(genes[g] for g in order), tuple(sorted(treated)))
 
 
 @dataclasses.dataclass
@@ -264,7 +281,8 @@ def _group_cells(obs: pd.DataFrame, cfg: PerturbationConfig, uri: str):
     perts: dict[str, Perturbation] = {}
     names = {}
     for label, sign in key[["label", "sign"]].drop_duplicates().itertuples(index=False):
-        pert = parse_perturbation(label, control_labels=cfg.control_labels, sign=int(sign))
+        pert = parse_perturbation(label, control_labels=cfg.control_labels, sign=int(sign),
+                                  treatments=cfg.treatments)
         perts[pert.name] = pert
         names[(label, sign)] = pert.name
     pert_names = [names[(lbl, s)] for lbl, s in zip(key["label"], key["sign"])]

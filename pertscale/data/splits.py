@@ -115,6 +115,10 @@ def simulation_split(data: PerturbationData, *, seed: int = 1, train_gene_set_si
     """GEARS' simulation split of the perturbed conditions (see module docstring)."""
     perts = sorted({data.conditions.at[c, "perturbation"] for c in data.perturbed})
     objs = [data.perturbations[p] for p in perts]
+    treated = [p.name for p in objs if p.treatments]
+    if treated:
+        raise ValueError(f"a simulation split draws perturbed genes; {treated[:5]} include a "
+                         f"treatment that is not a gene: use split kind = 'heldout_covariate'")
     if len({g for p in objs for g in p.genes}) < 2:
         raise ValueError("a simulation split needs perturbations of at least 2 genes")
     train, test = _sim_split(objs, train_gene_set_size, combo_seen2_train_frac, seed)

@@ -1,13 +1,7 @@
-"""Evaluation: metrics on pseudo-bulk deltas, baselines, GenePert fitting on Ray, reports."""
+"""Evaluation: metrics on pseudo-bulk deltas, baselines, Ray for fitted models, reports."""
 
 from pertscale.eval.baselines import BASELINES, LinearConfig, build_baseline
-from pertscale.eval.cv import (
-    GenePertConfig,
-    GenePertPredictor,
-    RayConfig,
-    cross_validate_alpha,
-    ensure_ray,
-)
+from pertscale.eval.cv import RayConfig, ensure_ray, ray_map
 from pertscale.eval.metrics import (
     METRIC_NAMES,
     direction_accuracy,
@@ -20,16 +14,14 @@ from pertscale.eval.metrics import (
 __all__ = [
     "BASELINES",
     "METRIC_NAMES",
-    "GenePertConfig",
-    "GenePertPredictor",
     "LinearConfig",
     "RayConfig",
     "build_baseline",
-    "cross_validate_alpha",
     "direction_accuracy",
     "ensure_ray",
     "mse",
     "pearson_delta",
     "perturbation_metrics",
     "r2_mean",
+    "ray_map",
 ]

@@ -86,7 +86,7 @@ class Additive:
         for cond in train:
             pert = data.perturbation(cond)
             if not pert.is_combo:
-                effects.setdefault((pert.genes[0], pert.signs[0]), []).append(data.delta(cond))
+                effects.setdefault(pert.parts[0], []).append(data.delta(cond))
         self.single_G = {k: np.mean(v, axis=0) for k, v in effects.items()}
         return self
 
@@ -94,7 +94,7 @@ class Additive:
         out = np.full((len(conditions), len(data.genes)), np.nan)
         for i, cond in enumerate(conditions):
             pert = data.perturbation(cond)
-            keys = list(zip(pert.genes, pert.signs))
+            keys = pert.parts
             if all(k in self.single_G for k in keys):
                 out[i] = np.sum([self.single_G[k] for k in keys], axis=0)
         return out
@@ -128,6 +128,10 @@ class Linear:
     def _pert_emb(self, data: PerturbationData, conditions: list[str]) -> np.ndarray:
         """B' [P, d]: one embedding per condition."""
         perts = [data.perturbation(c) for c in conditions]
+        treated = sorted({t for p in perts for t in p.treatments})
+        if treated:
+            raise ValueError(f"linear baseline: treatment(s) {treated} are not genes, so they have "
+                             f"no gene embedding; leave 'linear' out of report.baselines")
         if self.cfg.pert_embedding == "table":
             return embed_perturbations([p.genes for p in perts], self.embeddings.genes,
                                        self.embeddings.emb_ND, [p.signs for p in perts])

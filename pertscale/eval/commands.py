@@ -1,30 +1,33 @@
-"""`pertscale fit genepert` and `pertscale evaluate`.
+"""`pertscale fit NAME` and `pertscale evaluate`: closed-form models and reports, by spec.
 
-    pertscale fit genepert --config configs/genepert.toml [--address auto] [--section.field=value ...]
+    pertscale fit genepert --config configs/genepert.toml [--address auto] [--alias NAME]
+                           [--section.field=value ...]
     pertscale evaluate --config configs/evaluate.toml [--address auto] [--section.field=value ...]
 
-`fit genepert` reads the store's perturbation data, splits it, chooses GenePert's alpha by
-cross-validation with one Ray task per fold, fits on the training conditions, logs and registers
-the model (`pertscale-genepert`, weights as safetensors, the embedding table's path and sha256
-in its config), and writes a report of GenePert beside the baselines. `evaluate` pulls
-registered models, rebuilds them, and writes the same report for them. Both start the embedded
-local Ray cluster unless `--address` / `ray.address` names one, and log params, the metrics
-table, the report and its PNGs to MLflow.
+`fit` reads the store's perturbation data, splits it, takes the gene features from the
+embedding table (`embeddings.path`) or from the gene table of a registered model
+(`init_from = "models:/..."`, the parent in the lineage tags), fits the model through its spec
+(GenePert: alpha by cross-validation, one Ray task per fold), logs and registers it
+(`pertscale-<model>`, lineage tags and an evaluation summary), and writes a report of it beside
+the baselines. `evaluate` pulls registered perturbation models, asks each spec for a predictor,
+and writes the same report (or the baselines alone: `models = []`, `baselines_only = true`).
+Both start the embedded local Ray cluster unless `--address` / `ray.address` names one, and log
+params, the metrics table, the report and its PNGs to MLflow.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+import json
 from typing import Any
 
 import numpy as np
 
-from pertscale.config import load_config
-from pertscale.data.embeddings import load_embeddings
+from pertscale.config import ConfigError, load_config
+from pertscale.data.embeddings import GeneEmbeddings
 from pertscale.data.perturbation import PerturbationData
-from pertscale.eval.config import EvaluateJobConfig, GenePertJobConfig
-from pertscale.eval.cv import GenePertConfig, GenePertPredictor, ensure_ray
+from pertscale.eval.config import EvaluateJobConfig, FitJobConfig
+from pertscale.eval.cv import ensure_ray, ray_map
 from pertscale.eval.evaluation import (
     EvalResult,
     build_baselines,
@@ -33,9 +36,12 @@ from pertscale.eval.evaluation import (
     make_report,
     run_predictors,
 )
-from pertscale.models.genepert import GenePert
+from pertscale.models import MODELS, get_spec
+from pertscale.tracking.commands import add_alias_argument, with_aliases
 
-__all__ = ["FIT_MODELS", "evaluate_main", "fit_main", "run_evaluate", "run_fit_genepert"]
+__all__ = ["ModelPredictor", "evaluate_main", "fit_main", "run_evaluate", "run_fit"]
+
+FITTED = sorted(name for name, spec in MODELS.items() if not spec.trained)
 
 
 def _start(job: Any, address: str | None):
@@ -45,133 +51,161 @@ def _start(job: Any, address: str | None):
     return job
 
 
-def run_fit_genepert(job: GenePertJobConfig, *, address: str | None = None) -> EvalResult:
-    """Fit, register and report GenePert (see the module docstring)."""
-    import torch
+class ModelPredictor:
+    """A model's predictor (`PerturbationPredictor`) behind the baseline protocol, its readout
+    genes reordered to the evaluated store's genes; a perturbed gene it cannot represent, or a
+    store gene it does not read out, is an error naming them."""
 
-    from pertscale.tracking import RunLogger, log_model
+    def __init__(self, name: str, predictor: Any, data: PerturbationData, *, uri: str = "") -> None:
+        self.name, self.predictor, self.uri = name, predictor, uri or name
+        position = {g: i for i, g in enumerate(predictor.genes)}
+        missing = [g for g in data.genes if g not in position]
+        if missing:
+            raise ValueError(f"{self.uri} predicts {len(predictor.genes)} genes; {len(missing)} "
+                             f"genes of the store are not among them, e.g. {missing[:5]}")
+        self.columns = np.array([position[g] for g in data.genes])
 
-    job = _start(job, address)
-    data, split = load_eval_data(job.data)
-    table = load_table(job.embeddings, data)
-    genepert = GenePertPredictor(job.genepert, table).fit(data, split.train)
-    predictors = [(genepert, False)] + [(b, True) for b in build_baselines(job.report, table)]
-    with RunLogger(job.tracking, run_name=job.run_name,
-                   tags={"job": "genepert", "store_fingerprint": data.source["fingerprint"]}
-                   ) as logger:
-        logger.log_params(job.to_dict())
-        logger.log_params({"genepert.chosen_alpha": genepert.model.alpha})
-        if genepert.cv_scores is not None:
-            logger.log_metrics({
-                f"genepert_cv/{job.genepert.cv_metric}_alpha_{a:g}": float(v)
-                for a, v in zip(job.genepert.alphas, genepert.cv_scores.mean(0))})
-        predictions = run_predictors(predictors, data, split)
-        meta = {"genepert": genepert.summary(), "embeddings": f"{table.source} "
-                f"(sha256 {table.sha256[:12]}, {table.dim} dims)"}
-        result = make_report(job.report, run_name=job.run_name, data=data, split=split,
-                             predictions=predictions, meta=meta, logger=logger)
-        state = {k: torch.from_numpy(np.ascontiguousarray(v))
-                 for k, v in genepert.model.state_dict().items()}
-        config = {"model": "genepert", "alpha": genepert.model.alpha,
-                  "fit_intercept": genepert.model.fit_intercept,
-                  "embeddings": {**job.embeddings.to_dict(), "sha256": table.sha256,
-                                 "path": str(Path(job.embeddings.path).resolve())},
-                  "genepert": job.genepert.to_dict()}
-        if job.tracking.register:
-            result.model_uri = log_model(
-                logger, "genepert", state, config, data.genes,
-                {"store_fingerprint": data.source["fingerprint"], "split": split.name,
-                 "embeddings_sha256": table.sha256})
-    return result
-
-
-class _RegisteredGenePert:
-    """A pulled GenePert whose output genes are reordered to the evaluated store's genes."""
-
-    def __init__(self, name: str, predictor: GenePertPredictor, columns: np.ndarray) -> None:
-        self.name, self.predictor, self.columns = name, predictor, columns
-
-    def fit(self, data: PerturbationData, train: list[str]) -> _RegisteredGenePert:
+    def fit(self, data: PerturbationData, train: list[str]) -> ModelPredictor:
         return self
 
     def predict_delta(self, data: PerturbationData, conditions: list[str]) -> np.ndarray:
-        return self.predictor.predict_delta(data, conditions)[:, self.columns]
+        perts = [data.perturbation(c) for c in conditions]
+        missing = self.predictor.missing_genes(perts)
+        if missing:
+            raise ValueError(f"{self.uri} cannot represent perturbed gene(s) {missing}")
+        covs = [str(data.conditions.at[c, "covariate"]) for c in conditions]
+        return np.asarray(self.predictor.predict_delta(perts, covs))[:, self.columns]
 
 
-def _load_genepert(pulled: Any, job: EvaluateJobConfig, data: PerturbationData,
-                   name: str) -> _RegisteredGenePert:
-    cfg = pulled.config
-    emb_cfg = cfg["embeddings"]
-    path = job.embeddings.path or emb_cfg["path"]
-    table = load_embeddings(path, allow_pickle=job.embeddings.allow_pickle or
-                            emb_cfg.get("allow_pickle", False),
-                            gene_column=(job.embeddings.gene_column or emb_cfg.get("gene_column")
-                                         or None))
-    if table.sha256 != emb_cfg["sha256"]:
-        raise ValueError(f"{pulled.uri} was fitted with an embedding table of sha256 "
-                         f"{emb_cfg['sha256']}; {path} has sha256 {table.sha256}")
-    state = {k: v.numpy() for k, v in pulled.state_dict.items()}
-    model = GenePert.from_state_dict(state, alpha=cfg["alpha"], fit_intercept=cfg["fit_intercept"])
-    position = {g: i for i, g in enumerate(pulled.vocab)}
-    missing = [g for g in data.genes if g not in position]
+def _features(job: FitJobConfig, data: PerturbationData) -> tuple[GeneEmbeddings, dict[str, str]]:
+    """The gene feature table and its lineage tags: a file, or a registered model's genes."""
+    if not job.init_from:
+        table = load_table(job.embeddings, data)
+        return table, {"embeddings_sha256": table.sha256, "features": table.source}
+    from pertscale.tracking import pull_model
+
+    parent = pull_model(job.init_from, tracking=job.tracking)
+    spec = get_spec(parent.kind)
+    if spec.gene_table is None:
+        raise ValueError(f"init_from={job.init_from}: a {parent.kind} model has no gene table "
+                         f"to take features from")
+    genes, emb = spec.gene_table(parent.exported)
+    source = f"{parent.name}/{parent.version} gene table"
+    table = GeneEmbeddings(genes=list(genes), emb_ND=np.asarray(emb, dtype=np.float32),
+                           source=source, sha256=parent.tags.get("manifest_sha256", ""))
+    perturbed = sorted({g for p in data.perturbations.values() for g in p.genes})
+    missing = table.missing(perturbed)
     if missing:
-        raise ValueError(f"{pulled.uri} predicts {len(pulled.vocab)} genes; {len(missing)} genes "
-                         f"of the store are not among them, e.g. {missing[:5]}")
-    predictor = GenePertPredictor(GenePertConfig.from_dict(cfg["genepert"]), table, model)
-    return _RegisteredGenePert(name, predictor, np.array([position[g] for g in data.genes]))
+        raise ValueError(f"init_from={job.init_from}: {len(missing)} perturbed gene(s) are not "
+                         f"in its gene table: {missing}")
+    return table, {"init_from": job.init_from,
+                   "init_from_version": f"models:/{parent.name}/{parent.version}",
+                   "features": source}
 
 
-# model name (config.json "model") -> loader of a pulled model as a predictor
-FIT_MODELS = {"genepert": run_fit_genepert}
-_LOADERS = {"genepert": _load_genepert}
+def _eval_summary(result: EvalResult, name: str) -> str:
+    """A short JSON of the model's mean top-DE Pearson delta and MSE per test subgroup."""
+    rows = result.summary[result.summary["model"] == name]
+    return json.dumps({r.subgroup: {"pearson_delta_de": round(float(r.pearson_delta_de), 4),
+                                    "mse_de": round(float(r.mse_de), 5)}
+                       for r in rows.itertuples()}, sort_keys=True)
+
+
+def run_fit(job: FitJobConfig, *, address: str | None = None) -> EvalResult:
+    """Fit, register and report a closed-form model (see the module docstring)."""
+    from pertscale.tracking import RunLogger, log_model
+
+    spec = get_spec(job.model.name)
+    job = _start(job, address)
+    data, split = load_eval_data(job.data)
+    table, lineage = _features(job, data)
+    fitted = spec.fit(job.model, data, split.train, features=table, map_fn=ray_map)
+    predictors = [(ModelPredictor(spec.name, fitted, data), False)]
+    predictors += [(b, True) for b in build_baselines(job.report, table)]
+    with RunLogger(job.tracking, run_name=job.run_name,
+                   tags={"job": f"fit {spec.name}", "store_fingerprint":
+                         data.source["fingerprint"], "init_from": job.init_from}) as logger:
+        logger.log_params(job.to_dict())
+        summary = fitted.summary()
+        logger.log_params({f"{spec.name}.{k}": v for k, v in summary.items() if k != "cv_mean"})
+        for alpha, score in summary.get("cv_mean", {}).items():
+            logger.log_metrics(
+                {f"{spec.name}_cv/{job.model.cv_metric}_alpha_{float(alpha):g}": score})
+        predictions = run_predictors(predictors, data, split)
+        meta = {spec.name: summary, "features": f"{table.source} "
+                f"(sha256 {table.sha256[:12]}, {table.dim} dims)"}
+        result = make_report(job.report, run_name=job.run_name, data=data, split=split,
+                             predictions=predictions, meta=meta, logger=logger)
+        if job.tracking.register:
+            exported = spec.export(job.model, fitted, {"job": job.to_dict()})
+            result.model_uri = log_model(
+                logger, exported,
+                {"store_fingerprint": data.source["fingerprint"], "store_uri": data.source["uri"],
+                 "split": f"{split.name} seed={job.data.split.seed}", "task": "fit",
+                 "eval_summary": _eval_summary(result, spec.name), **lineage},
+                aliases=job.tracking.aliases)
+    return result
+
+
+def _report_name(uri: str, kind: str, version: str, n_models: int) -> str:
+    from pertscale.tracking import parse_model_uri
+
+    _, alias, _ = parse_model_uri(uri)
+    if alias and alias != "latest":
+        return f"{kind}@{alias}"
+    return kind if n_models == 1 else f"{kind}-v{version}"
 
 
 def run_evaluate(job: EvaluateJobConfig, *, address: str | None = None) -> EvalResult:
-    """Evaluate registered models beside the baselines (see the module docstring)."""
+    """Evaluate registered models (or the baselines alone) (see the module docstring)."""
     from pertscale.tracking import RunLogger, pull_model
 
-    if not job.models:
-        raise ValueError("models is empty: list at least one models:/ URI to evaluate")
     job = _start(job, address)
     data, split = load_eval_data(job.data)
-    models = []
+    models, gene_tables = [], []
     for uri in job.models:
         pulled = pull_model(uri, tracking=job.tracking)
-        kind = pulled.config.get("model")
-        if kind not in _LOADERS:
-            raise ValueError(f"{uri} is a {kind!r} model; evaluate supports {sorted(_LOADERS)}")
-        name = kind if len(job.models) == 1 else f"{kind}-v{pulled.version}"
-        models.append((_LOADERS[kind](pulled, job, data, name), False))
+        spec = get_spec(pulled.kind)
+        if spec.predicts != "delta":
+            perturbation_models = sorted(n for n, s in MODELS.items() if s.predicts == "delta")
+            raise ValueError(f"{uri} is a {spec.name} model, which predicts {spec.predicts}s, "
+                             f"not perturbation effects; evaluate takes {perturbation_models}")
+        name = _report_name(uri, spec.name, pulled.version, len(job.models))
+        models.append((ModelPredictor(name, pulled.predictor(), data, uri=uri), False))
+        if spec.gene_table is not None:
+            gene_tables.append((uri, spec.gene_table(pulled.exported)))
     table = load_table(job.embeddings, data) if job.embeddings.path else None
     if "linear" in job.report.baselines and job.report.linear.pert_embedding == "table" \
             and table is None:
-        table = models[0][0].predictor.embeddings
+        if not gene_tables:
+            raise ConfigError("the linear baseline with pert_embedding = 'table' needs "
+                              "embeddings.path (no evaluated model has a gene table)")
+        uri, (genes, emb) = gene_tables[0]
+        table = GeneEmbeddings(genes=list(genes), emb_ND=np.asarray(emb), source=f"{uri} genes")
+    names = [p.name for p, _ in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"models {job.models} give the report names {names} twice: evaluate "
+                         f"each version once")
     predictors = models + [(b, True) for b in build_baselines(job.report, table)]
     with RunLogger(job.tracking, run_name=job.run_name,
                    tags={"job": "evaluate", "store_fingerprint": data.source["fingerprint"]}
                    ) as logger:
         logger.log_params(job.to_dict())
         predictions = run_predictors(predictors, data, split)
+        what = ", ".join(job.models) if job.models else "baselines only"
         return make_report(job.report, run_name=job.run_name, data=data, split=split,
-                           predictions=predictions, meta={"models": ", ".join(job.models)},
-                           logger=logger)
+                           predictions=predictions, meta={"models": what}, logger=logger)
 
 
-_DESCRIPTIONS = {
-    "genepert": "Fit GenePert (alpha by cross-validation, one Ray task per fold), register it "
-                "and report it beside the baselines. Overrides: --section.field=value.",
-    "evaluate": "Evaluate registered models beside the baselines on a store and split, and "
-                "write the report. Overrides: --section.field=value.",
-}
-
-
-def _parse(prog: str, argv: list[str], job: str):
-    parser = argparse.ArgumentParser(prog=prog, description=_DESCRIPTIONS[job])
+def _parse(prog: str, argv: list[str], job: str, description: str):
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help=f'job config file (job = "{job}")')
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: ray.address, else an embedded cluster)")
+    if job == "fit":
+        add_alias_argument(parser)
     args, overrides = parser.parse_known_args(argv)
-    return load_config(args.config, overrides, job=job), args.address
+    return load_config(args.config, overrides, job=job), args
 
 
 def _print(result: EvalResult) -> None:
@@ -185,17 +219,24 @@ def _print(result: EvalResult) -> None:
 
 def fit_main(argv: list[str]) -> int:
     if not argv or argv[0].startswith("-"):
-        print(f"usage: pertscale fit {{{','.join(FIT_MODELS)}}} --config FILE [overrides]")
+        print(f"usage: pertscale fit {{{','.join(FITTED)}}} --config FILE [--alias NAME] "
+              f"[overrides]")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     name, rest = argv[0], argv[1:]
-    if name not in FIT_MODELS:
-        raise ValueError(f"pertscale fit: unknown model {name!r}; choices: {sorted(FIT_MODELS)}")
-    job, address = _parse(f"pertscale fit {name}", rest, name)
-    _print(FIT_MODELS[name](job, address=address))
+    if name not in FITTED:
+        raise ValueError(f"pertscale fit: unknown model {name!r}; fitted models: {FITTED}")
+    job, args = _parse(f"pertscale fit {name}", rest, "fit",
+                       f"Fit {name} ({get_spec(name).description}), register it and report it "
+                       f"beside the baselines. Overrides: --section.field=value.")
+    if job.model.name != name:
+        raise ConfigError(f"{args.config} configures model {job.model.name!r}, not {name!r}")
+    _print(run_fit(with_aliases(job, args.alias), address=args.address))
     return 0
 
 
 def evaluate_main(argv: list[str]) -> int:
-    job, address = _parse("pertscale evaluate", argv, "evaluate")
-    _print(run_evaluate(job, address=address))
+    job, args = _parse("pertscale evaluate", argv, "evaluate",
+                       "Evaluate registered models beside the baselines on a store and split, "
+                       "and write the report. Overrides: --section.field=value.")
+    _print(run_evaluate(job, address=args.address))
     return 0

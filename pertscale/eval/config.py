@@ -1,5 +1,5 @@
-"""Job configs of `pertscale fit genepert` (GenePertJobConfig) and `pertscale evaluate`
-(EvaluateJobConfig); sections reuse the component configs they drive."""
+"""Job configs of `pertscale fit` (FitJobConfig: any fitted model of the spec table) and
+`pertscale evaluate` (EvaluateJobConfig); sections reuse the component configs they drive."""
 
 from __future__ import annotations
 
@@ -9,14 +9,16 @@ from pertscale.config import Config, ConfigError, check_range
 from pertscale.data.perturbation import PerturbationConfig
 from pertscale.data.splits import SplitConfig
 from pertscale.eval.baselines import BASELINES, LinearConfig
-from pertscale.eval.cv import GenePertConfig, RayConfig
+from pertscale.eval.cv import RayConfig
+from pertscale.models import ModelConfig, get_spec
+from pertscale.models.genepert import GenePertConfig
 from pertscale.tracking import TrackingConfig
 
 __all__ = [
     "EmbeddingsConfig",
     "EvalDataConfig",
     "EvaluateJobConfig",
-    "GenePertJobConfig",
+    "FitJobConfig",
     "ReportConfig",
 ]
 
@@ -35,7 +37,7 @@ class EmbeddingsConfig(Config):
     """A gene -> vector table file (see pertscale.data.embeddings for formats)."""
 
     path: str = ""  # .npz / .csv / .tsv / .parquet / .pkl table
-    allow_pickle: bool = False  # allow GenePT's pickle (unpickling runs code: trusted files only)
+    allow_pickle: bool = False  # allow GenePT's pickle (unpickling runs code: trusted files only; only ever read from your own config file)
     gene_column: str = ""  # gene column of a CSV / parquet table; "" = the first column
 
 
@@ -60,17 +62,31 @@ class ReportConfig(Config):
 
 
 @dataclasses.dataclass
-class GenePertJobConfig(Config):
-    """`pertscale fit genepert`: fit GenePert (alpha by Ray CV) on the training split, register
-    it, and report it beside the baselines."""
+class FitJobConfig(Config):
+    """`pertscale fit NAME`: fit a closed-form model (e.g. GenePert, alpha by Ray CV) on the
+    training split, register it, and report it beside the baselines. Its gene features come
+    from `embeddings.path` or from the gene table of the registered model `init_from`."""
 
-    run_name: str = "genepert"  # MLflow run name and report folder prefix
+    run_name: str = "fit"  # MLflow run name and report folder prefix
+    init_from: str = ""  # models:/NAME@ALIAS whose gene embeddings are the features ("" = embeddings.path)
     data: EvalDataConfig = dataclasses.field(default_factory=EvalDataConfig)
     embeddings: EmbeddingsConfig = dataclasses.field(default_factory=EmbeddingsConfig)
-    genepert: GenePertConfig = dataclasses.field(default_factory=GenePertConfig)
+    model: ModelConfig = dataclasses.field(default_factory=GenePertConfig)  # the model: name picks its spec
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        spec = get_spec(self.model.name)
+        if spec.trained:
+            raise ConfigError(f"model.name={spec.name!r} is trained on the engine, not fitted: "
+                              f"run `pertscale pretrain` (task {spec.task!r})")
+        if self.init_from and not self.init_from.startswith("models:/"):
+            raise ConfigError(f"init_from={self.init_from!r} must be a registry URI "
+                              f"models:/NAME@ALIAS or models:/NAME/VERSION")
+        if self.init_from and self.embeddings.path:
+            raise ConfigError(f"init_from={self.init_from!r} and embeddings.path="
+                              f"{self.embeddings.path!r} both give the gene features; set one")
 
 
 @dataclasses.dataclass
@@ -80,13 +96,21 @@ class EvaluateJobConfig(Config):
     run_name: str = "evaluate"  # MLflow run name and report folder prefix
     models: list[str] = dataclasses.field(
         default_factory=lambda: ["models:/pertscale-genepert@latest"])  # registry URIs to evaluate
+    baselines_only: bool = False  # report the baselines alone (needs models = [])
     data: EvalDataConfig = dataclasses.field(default_factory=EvalDataConfig)
-    embeddings: EmbeddingsConfig = dataclasses.field(default_factory=EmbeddingsConfig)  # "" path = the table a model was fitted with
+    embeddings: EmbeddingsConfig = dataclasses.field(default_factory=EmbeddingsConfig)  # for the linear baseline's table; "" = the first model's gene table
     report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
+        if not self.models and not self.baselines_only:
+            raise ConfigError("models is empty: list models:/ URIs to evaluate, or set "
+                              "baselines_only = true to report the baselines alone")
+        if self.models and self.baselines_only:
+            raise ConfigError(f"baselines_only = true needs models = [] (got {self.models})")
+        if self.baselines_only and not self.report.baselines:
+            raise ConfigError("baselines_only = true needs report.baselines to list some")
         for i, uri in enumerate(self.models):
             if not uri.startswith("models:/"):
                 raise ConfigError(f"models[{i}]={uri!r} must be a registry URI models:/NAME@ALIAS "

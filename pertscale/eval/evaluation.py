@@ -60,7 +60,8 @@ def load_eval_data(cfg: EvalDataConfig) -> tuple[PerturbationData, Split]:
 
 
 def load_table(cfg: EmbeddingsConfig, data: PerturbationData) -> GeneEmbeddings:
-    """The embedding table restricted to the perturbed genes; missing genes are an error."""
+    """The embedding table (every row: a fitted model keeps it, to predict any of its genes);
+    a perturbed gene of `data` without a row is an error listing them."""
     if not cfg.path:
         raise ConfigError("embeddings.path is empty: pass --embeddings.path=FILE")
     table = load_embeddings(cfg.path, allow_pickle=cfg.allow_pickle,
@@ -70,10 +71,7 @@ def load_table(cfg: EmbeddingsConfig, data: PerturbationData) -> GeneEmbeddings:
     if missing:
         raise ValueError(f"embedding table {cfg.path}: {len(missing)} perturbed gene(s) have no "
                          f"embedding: {missing}")
-    index = {g: i for i, g in enumerate(table.genes)}
-    rows = [index[g] for g in genes]
-    return GeneEmbeddings(genes=genes, emb_ND=table.emb_ND[rows], source=table.source,
-                          sha256=table.sha256)
+    return table
 
 
 def build_baselines(cfg: ReportConfig, embeddings: GeneEmbeddings | None) -> list[Predictor]:

@@ -17,18 +17,77 @@ when P < D (the usual case: tens to thousands of perturbations, 384-3072 dimensi
 `ridge_path_predict` gives validation predictions for many alphas from one SVD, which is
 what each cross-validation fold computes.
 
+`fit_genepert` chooses alpha by K-fold cross-validation grouped by perturbation (the
+conditions of one perturbation in several cell types never sit on both sides of a fold); the
+folds run through the `map_fn` it is given (one Ray task per fold in `pertscale fit`), each
+scoring every alpha from one SVD (`ridge_path_predict`); the chosen alpha has the best mean
+score (lowest MSE, or highest Pearson of the deltas), then one fit on every training condition.
+
+A registered GenePert carries its embedding table as a tensor: a pulled version predicts any
+gene of that table without reading a file (so nothing in a pulled model can open one).
+
 Architecture only: no ray, mlflow or file I/O here (see pertscale.data.embeddings and
 pertscale.eval.cv).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
+import torch
 
-__all__ = ["GenePert", "embed_perturbations", "l2_normalize", "ridge_path_predict"]
+from pertscale.config import ConfigError, check_choice, check_range
+from pertscale.models.spec import Exported, ModelConfig, ModelSpec
+
+__all__ = [
+    "CV_METRICS",
+    "SPEC",
+    "GenePert",
+    "GenePertConfig",
+    "GenePertModel",
+    "cross_validate_alpha",
+    "embed_perturbations",
+    "fit_genepert",
+    "l2_normalize",
+    "ridge_path_predict",
+]
+
+log = logging.getLogger(__name__)
+CV_METRICS = ("mse", "pearson_delta")
+# map_fn(fn, shared_args, per_item_args) -> [fn(*shared_args, *item) for item in per_item_args]
+MapFn = Callable[[Callable[..., Any], tuple, list[tuple]], list[Any]]
+
+
+def serial_map(fn: Callable[..., Any], shared: tuple, items: list[tuple]) -> list[Any]:
+    """The in-process `map_fn`."""
+    return [fn(*shared, *item) for item in items]
+
+
+@dataclasses.dataclass
+class GenePertConfig(ModelConfig):
+    """The `[model]` section of genepert: the ridge and its cross-validation."""
+
+    name: str = "genepert"  # model name, a key of MODELS
+    alphas: list[float] = dataclasses.field(
+        default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])  # ridge penalties tried by CV
+    n_folds: int = 5  # cross-validation folds (grouped by perturbation)
+    cv_metric: str = "mse"  # mse (lower is better) | pearson_delta (higher is better)
+    fit_intercept: bool = True  # centre features and targets, as sklearn's Ridge
+    seed: int = 0  # fold assignment seed
+
+    def __post_init__(self) -> None:
+        self._check_name("genepert")
+        if not self.alphas:
+            raise ConfigError("alphas must list at least one penalty")
+        for i, a in enumerate(self.alphas):
+            check_range(f"alphas[{i}]", a, 0, lo_open=True)
+        check_range("n_folds", self.n_folds, 2)
+        check_choice("cv_metric", self.cv_metric, CV_METRICS)
 
 SOLVERS = ("auto", "primal", "dual")
 
@@ -172,3 +231,152 @@ def ridge_path_predict(x_train_PD: np.ndarray, y_train_PG: np.ndarray, x_val_QD:
             raise ValueError(f"alpha={alpha!r} must be > 0")
         out.append(xv_QK @ ((s_K / (s_K ** 2 + alpha))[:, None] * uty_KG) + y_mean_G)
     return np.stack(out)
+
+
+# --- cross-validation and the fitted model -------------------------------------------------------
+def _fold_scores(x_PD: np.ndarray, y_PG: np.ndarray, alphas: list[float], fit_intercept: bool,
+                 metric: str, train_idx: np.ndarray, val_idx: np.ndarray) -> np.ndarray:
+    """Score [A] of every alpha on one fold."""
+    pred_AQG = ridge_path_predict(x_PD[train_idx], y_PG[train_idx], x_PD[val_idx], alphas,
+                                  fit_intercept=fit_intercept)
+    true_QG = y_PG[val_idx]
+    if metric == "mse":
+        return ((pred_AQG - true_QG) ** 2).mean(axis=(1, 2))
+    p = pred_AQG - pred_AQG.mean(-1, keepdims=True)
+    t = true_QG - true_QG.mean(-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_AQ = (p * t).sum(-1) / np.sqrt((p * p).sum(-1) * (t * t).sum(-1))
+    return np.nanmean(r_AQ, axis=1)
+
+
+def _folds(groups: list[str], n_folds: int, seed: int) -> list[np.ndarray]:
+    names = np.array(sorted(set(groups)))
+    if len(names) < n_folds:
+        raise ValueError(f"{n_folds}-fold cross-validation needs at least {n_folds} training "
+                         f"perturbations; there are {len(names)}")
+    order = np.random.default_rng(seed).permutation(len(names))
+    fold_of = {names[i]: k % n_folds for k, i in enumerate(order)}
+    assigned = np.array([fold_of[g] for g in groups])
+    return [np.flatnonzero(assigned == k) for k in range(n_folds)]
+
+
+def cross_validate_alpha(x_PD: np.ndarray, y_PG: np.ndarray, groups: list[str],
+                         cfg: GenePertConfig, map_fn: MapFn = serial_map
+                         ) -> tuple[float, np.ndarray]:
+    """Best alpha and the score table [folds, alphas]; one `map_fn` item per fold."""
+    folds = _folds(groups, cfg.n_folds, cfg.seed)
+    every = np.arange(len(groups))
+    scores_FA = np.stack(map_fn(
+        _fold_scores, (np.asarray(x_PD), np.asarray(y_PG), list(cfg.alphas), cfg.fit_intercept,
+                       cfg.cv_metric),
+        [(np.setdiff1d(every, val), val) for val in folds]))
+    mean_A = scores_FA.mean(0)
+    best = int(np.argmin(mean_A) if cfg.cv_metric == "mse" else np.nanargmax(mean_A))
+    log.info("GenePert CV (%s) per alpha %s: %s -> alpha=%s", cfg.cv_metric, cfg.alphas,
+             np.round(mean_A, 5).tolist(), cfg.alphas[best])
+    return float(cfg.alphas[best]), scores_FA
+
+
+class GenePertModel:
+    """A fitted GenePert over readout `genes`: features from its embedding table (`table_genes`,
+    `table_ND`), ridge weights from `ridge`. A `PerturbationPredictor`."""
+
+    def __init__(self, genes: Sequence[str], table_genes: Sequence[str], table_ND: np.ndarray,
+                 ridge: GenePert, *, cv_scores: np.ndarray | None = None,
+                 table_source: str = "", table_sha256: str = "") -> None:
+        self.genes = list(genes)
+        self.table_genes = list(table_genes)
+        self.table_ND = np.asarray(table_ND)
+        self.ridge = ridge
+        self.cv_scores = cv_scores
+        self.alphas: list[float] = [ridge.alpha]
+        self.table_source, self.table_sha256 = table_source, table_sha256
+        self._row = {g: i for i, g in enumerate(self.table_genes)}
+
+    def missing_genes(self, perturbations: Sequence[Any]) -> list[str]:
+        return sorted({g for p in perturbations for g in p.genes if g not in self._row})
+
+    def features(self, perturbations: Sequence[Any]) -> np.ndarray:
+        treated = [p.name for p in perturbations if getattr(p, "treatments", ())]
+        if treated:
+            raise ValueError(f"GenePert embeds perturbed genes; {treated[:5]} include a treatment "
+                             f"that is not a gene")
+        return embed_perturbations([p.genes for p in perturbations], self.table_genes,
+                                   self.table_ND, [p.signs for p in perturbations])
+
+    def predict_delta(self, perturbations: Sequence[Any],
+                      covariates: Sequence[str] | None = None) -> np.ndarray:
+        return self.ridge.predict(self.features(perturbations))
+
+    def summary(self) -> dict[str, Any]:
+        """The chosen alpha and, after cross-validation, the mean score of every alpha."""
+        out: dict[str, Any] = {"alpha": self.ridge.alpha}
+        if self.cv_scores is not None:
+            out["cv_mean"] = dict(zip(map(str, self.alphas),
+                                      self.cv_scores.mean(0).round(6).tolist()))
+        return out
+
+
+def fit_genepert(cfg: GenePertConfig, data: Any, train: list[str], *, features: Any,
+                 map_fn: MapFn = serial_map) -> GenePertModel:
+    """Fit on the training conditions of `data` (PerturbationData) with the embedding table
+    `features` (GeneEmbeddings); alpha by cross-validation when several are given."""
+    perts = [data.perturbation(c) for c in train]
+    model = GenePertModel(data.genes, features.genes, features.emb_ND, GenePert(cfg.alphas[0]),
+                          table_source=features.source, table_sha256=features.sha256)
+    x_PD = model.features(perts)
+    y_PG = np.stack([data.delta(c) for c in train])
+    alpha, scores = cfg.alphas[0], None
+    if len(cfg.alphas) > 1:
+        groups = [data.conditions.at[c, "perturbation"] for c in train]
+        alpha, scores = cross_validate_alpha(x_PD, y_PG, groups, cfg, map_fn)
+    model.ridge = GenePert(alpha, fit_intercept=cfg.fit_intercept).fit(x_PD, y_PG)
+    model.cv_scores, model.alphas = scores, list(cfg.alphas)
+    return model
+
+
+def export_genepert(cfg: GenePertConfig, model: GenePertModel,
+                    context: dict[str, Any]) -> Exported:
+    """Ridge weights and the embedding table as tensors; readout genes as the vocabulary."""
+    tensors = {"coef": torch.from_numpy(np.ascontiguousarray(model.ridge.coef_DG)),
+               "intercept": torch.from_numpy(np.ascontiguousarray(model.ridge.intercept_G)),
+               "embeddings": torch.from_numpy(np.ascontiguousarray(model.table_ND,
+                                                                   dtype=np.float32))}
+    config = {"model": "genepert", "model_config": cfg.to_dict(), "alpha": model.ridge.alpha,
+              "embedding_genes": model.table_genes,
+              "embeddings": {"source": model.table_source, "sha256": model.table_sha256}}
+    return Exported(tensors=tensors, config=config, vocab=list(model.genes))
+
+
+def load_genepert(exported: Exported) -> GenePertModel:
+    cfg = GenePertConfig.from_dict(exported.config["model_config"], path="model")
+    state = {k: exported.tensors[k].numpy() for k in ("coef", "intercept")}
+    ridge = GenePert.from_state_dict(state, alpha=exported.config["alpha"],
+                                     fit_intercept=cfg.fit_intercept)
+    genes = exported.config["embedding_genes"]
+    table = exported.tensors["embeddings"].numpy()
+    if table.shape[0] != len(genes):
+        raise ValueError(f"genepert export has {table.shape[0]} embedding rows for "
+                         f"{len(genes)} embedding genes")
+    emb = exported.config.get("embeddings", {})
+    return GenePertModel(exported.vocab, genes, table, ridge,
+                         table_source=emb.get("source", ""), table_sha256=emb.get("sha256", ""))
+
+
+def genepert_gene_table(exported: Exported) -> tuple[list[str], np.ndarray]:
+    """The embedding table the model was fitted on."""
+    return list(exported.config["embedding_genes"]), exported.tensors["embeddings"].double().numpy()
+
+
+SPEC = ModelSpec(
+    name="genepert",
+    debug_config="configs/genepert.toml",
+    description="GenePert: closed-form ridge from perturbed-gene embeddings to mean changes",
+    config_cls=GenePertConfig,
+    task="pseudobulk",
+    predicts="delta",
+    fit=fit_genepert,
+    export=export_genepert,
+    load=load_genepert,
+    gene_table=genepert_gene_table,
+)

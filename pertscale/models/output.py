@@ -11,9 +11,11 @@ __all__ = ["LossOutput"]
 
 @dataclasses.dataclass
 class LossOutput:
-    """`loss` is what the engine backpropagates; `metrics` are detached scalars to log
-    (the loop calls `.item()` on rank 0 only); `outputs` carries predictions for evaluation."""
+    """`loss` is what the engine backpropagates; `metrics` are detached per-batch averages
+    (logged as their mean over the log window), `counts` detached per-batch totals (logged as
+    their sum over the window and over ranks); `outputs` carries predictions for evaluation."""
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     outputs: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)

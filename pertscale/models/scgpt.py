@@ -20,11 +20,15 @@ attention probabilities (the flash varlen kernels run with dropout 0).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pertscale.config import ConfigError, check_choice, check_range
 from pertscale.constants import (
     CONDITION_IDS,
     CU_SEQLENS,
@@ -36,10 +40,11 @@ from pertscale.constants import (
     TARGET_VALUES,
     VALUE_IDS,
 )
-from pertscale.models.attention import attention
+from pertscale.models.attention import ATTENTION_BACKENDS, attention
 from pertscale.models.output import LossOutput
+from pertscale.models.spec import Exported, ModelConfig, ModelSpec
 
-__all__ = ["SCGPT_FLAVORS", "ScGPT", "ScGPTSize"]
+__all__ = ["SCGPT_FLAVORS", "SPEC", "ScGPT", "ScGPTConfig", "ScGPTEmbedder", "ScGPTSize"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +59,49 @@ SCGPT_FLAVORS: dict[str, ScGPTSize] = {
     "debug": ScGPTSize(d_model=64, n_layers=2, n_heads=4, d_ff=128),
     "small": ScGPTSize(d_model=512, n_layers=12, n_heads=8, d_ff=512),  # scGPT's published size
 }
+
+VALUE_ENCODERS = ("continuous", "category")
+
+
+@dataclasses.dataclass
+class ScGPTConfig(ModelConfig):
+    """The `[model]` section of scgpt."""
+
+    name: str = "scgpt"                # model name, a key of MODELS
+    flavor: str = "debug"              # size preset: debug (CPU, seconds) or small (scGPT's size)
+    d_model: int = 0                   # override the flavor's width (0 = flavor default)
+    n_layers: int = 0                  # override the flavor's depth (0 = flavor default)
+    n_heads: int = 0                   # override the flavor's heads (0 = flavor default)
+    d_ff: int = 0                      # override the flavor's feed-forward width (0 = default)
+    attention: str = "auto"            # auto (varlen packed / sdpa padded) | reference|sdpa|varlen
+    generative: bool = False           # scGPT generative mask: unknown genes see known + self
+    dropout: float = 0.0               # dropout on embeddings and sublayer outputs (scGPT: 0.2)
+    n_conditions: int = 0              # size of the condition embedding (0 = none)
+    gepc_weight: float = 1.0           # weight of the GEPC/MVC loss next to the masked-value MSE
+    value_encoder: str = "continuous"  # continuous (MLP on the bin) | category (bin embedding)
+    n_bins: int = 51                   # value bins incl. bin 0 (must match the tokenizer)
+    norm_first: bool = False           # pre-norm layers (scGPT: post-norm)
+
+    def __post_init__(self) -> None:
+        self._check_name("scgpt")
+        check_choice("flavor", self.flavor, SCGPT_FLAVORS)
+        check_choice("attention", self.attention, ["auto", *ATTENTION_BACKENDS])
+        check_choice("value_encoder", self.value_encoder, VALUE_ENCODERS)
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "n_conditions"):
+            check_range(name, getattr(self, name), 0)
+        check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
+        check_range("gepc_weight", self.gepc_weight, 0.0)
+        check_range("n_bins", self.n_bins, 2)
+        size = self.size()
+        if size.d_model % size.n_heads:
+            raise ConfigError(f"d_model={size.d_model} is not divisible by n_heads={size.n_heads}")
+
+    def size(self) -> ScGPTSize:
+        """The flavor's sizes with the non-zero overrides applied."""
+        base = SCGPT_FLAVORS[self.flavor]
+        return ScGPTSize(**{f: getattr(self, f) or getattr(base, f)
+                            for f in ("d_model", "n_layers", "n_heads", "d_ff")})
+
 
 # backend "auto": the fastest exact backend for the batch's layout.
 AUTO_BACKEND = {"packed": "varlen", "padded": "sdpa"}
@@ -160,7 +208,7 @@ class GeneEmbedding(nn.Embedding):
 
 
 class ScGPT(nn.Module):
-    """forward(token batch) -> LossOutput(loss, metrics {mlm_mse, gepc_mse, n_masked},
+    """forward(token batch) -> LossOutput(loss, metrics {mlm_mse, gepc_mse}, counts {n_masked},
     outputs {predictions (layout of the batch), gepc_predictions, cell_emb [B, C]})."""
 
     def __init__(self, size: ScGPTSize, vocab_size: int, *, attention_backend: str = "auto",
@@ -244,8 +292,112 @@ class ScGPT(nn.Module):
         loss = mlm_mse + self.gepc_weight * gepc_mse
         return LossOutput(
             loss=loss,
-            metrics={"mlm_mse": mlm_mse.detach(), "gepc_mse": gepc_mse.detach(),
-                     "n_masked": n_masked.detach()},
+            metrics={"mlm_mse": mlm_mse.detach(), "gepc_mse": gepc_mse.detach()},
+            counts={"n_masked": n_masked.detach()},
             outputs={"predictions": pred.detach(), "gepc_predictions": gepc_pred.detach(),
                      "cell_emb": cell_emb_BC.detach()},
         )
+
+
+# --- the spec ----------------------------------------------------------------------------------
+def build_scgpt(cfg: ScGPTConfig, vocab: Sequence[str]) -> ScGPT:
+    """The module for a vocabulary of special tokens + genes."""
+    if len(vocab) < 4:
+        raise ValueError(f"vocabulary of {len(vocab)} tokens must cover the 3 special tokens "
+                         f"and >= 1 gene")
+    return ScGPT(cfg.size(), len(vocab), attention_backend=cfg.attention,
+                 generative=cfg.generative, dropout=cfg.dropout, n_conditions=cfg.n_conditions,
+                 gepc_weight=cfg.gepc_weight, value_encoder=cfg.value_encoder, n_bins=cfg.n_bins,
+                 norm_first=cfg.norm_first)
+
+
+def _tokenizer(job: Any, vocab: Sequence[str]):
+    from pertscale.data.tokenizer import Tokenizer
+
+    return Tokenizer(job.tokenizer, vocab)
+
+
+def _num_tokens(inputs: dict[str, Any]) -> int:
+    """Real (non-pad) tokens of a token batch, in either layout."""
+    if CU_SEQLENS in inputs:
+        return int(inputs[GENE_IDS].numel())
+    return int((~inputs[PADDING_MASK]).sum())
+
+
+def export_scgpt(cfg: ScGPTConfig, state_dict: dict[str, torch.Tensor],
+                 context: dict[str, Any]) -> Exported:
+    """Weights, the `[model]` and `[tokenizer]` sections, the vocabulary and gene symbols."""
+    return Exported(tensors=dict(state_dict),
+                    config={"model": "scgpt", "model_config": cfg.to_dict(),
+                            "tokenizer": dict(context["job"]["tokenizer"]),
+                            "gene_symbols": list(context.get("gene_symbols") or [])},
+                    vocab=list(context["vocab"]))
+
+
+class ScGPTEmbedder:
+    """A pulled scgpt: cells (expression over its vocabulary's genes) -> <cls> cell embeddings."""
+
+    def __init__(self, exported: Exported) -> None:
+        from pertscale.data.tokenizer import TokenizerConfig
+
+        cfg = ScGPTConfig.from_dict(exported.config["model_config"], path="model")
+        self.vocab = list(exported.vocab)
+        self.genes = self.vocab[3:]
+        self.symbols = list(exported.config.get("gene_symbols") or self.genes)
+        tok = {**exported.config["tokenizer"], "mask_ratio": 0.0}
+        self.tokenizer_cfg = TokenizerConfig.from_dict(tok, path="tokenizer")
+        self.model = build_scgpt(cfg, self.vocab)
+        self.model.load_state_dict(exported.tensors)
+        self.model.eval()
+        self.dim = self.model.size.d_model
+
+    def gene_columns(self, columns: Sequence[str]) -> np.ndarray:
+        """Gene index of each column (gene id or symbol); an unknown column is an error."""
+        index = {g: i for i, g in enumerate(self.genes)}
+        index.update({s: i for i, s in enumerate(self.symbols) if s not in index})
+        unknown = [c for c in columns if c not in index]
+        if unknown:
+            raise ValueError(f"{len(unknown)} column(s) are not genes of this scgpt model's "
+                             f"vocabulary, e.g. {unknown[:5]}")
+        return np.array([index[c] for c in columns], dtype=np.int64)
+
+    @torch.no_grad()
+    def embed(self, x_CG: np.ndarray, columns: Sequence[str], seed: int = 0) -> np.ndarray:
+        """[cells, d_model] cell embeddings of dense expression `x_CG` over `columns`."""
+        from pertscale.constants import INDICES, INDPTR, OBS, VALUES
+        from pertscale.data.tokenizer import Tokenizer
+
+        genes = self.gene_columns(columns)
+        x_CG = np.asarray(x_CG, dtype=np.float32)
+        rows, cols = np.nonzero(x_CG)
+        order = np.lexsort((genes[cols], rows))
+        rows, cols = rows[order], cols[order]
+        indptr = np.searchsorted(rows, np.arange(x_CG.shape[0] + 1)).astype(np.int64)
+        batch = {INDPTR: indptr, INDICES: genes[cols].astype(np.int32),
+                 VALUES: x_CG[rows, cols], OBS: {}}
+        tokens = Tokenizer(self.tokenizer_cfg, self.vocab)(
+            batch, generator=torch.Generator().manual_seed(seed))
+        return self.model(tokens).outputs["cell_emb"].double().numpy()
+
+
+def scgpt_gene_table(exported: Exported) -> tuple[list[str], np.ndarray]:
+    """The gene-embedding table (gene tokens only), keyed by gene symbol where known."""
+    names = list(exported.config.get("gene_symbols") or exported.vocab[3:])
+    weight = exported.tensors["gene_embedding.weight"][3:].double().numpy()
+    return names, weight
+
+
+SPEC = ModelSpec(
+    name="scgpt",
+    debug_config="configs/scgpt_debug.toml",
+    description="scGPT-style masked binned-value transformer, pretrained on cells",
+    config_cls=ScGPTConfig,
+    task="cells",
+    predicts="embedding",
+    build=build_scgpt,
+    make_inputs=_tokenizer,
+    num_tokens=_num_tokens,
+    export=export_scgpt,
+    load=ScGPTEmbedder,
+    gene_table=scgpt_gene_table,
+)

@@ -10,7 +10,9 @@ from pertscale.tracking.registry import (
     parse_model_uri,
     pull_model,
     registered_name,
+    save_mlflow_model,
     save_model_dir,
+    set_alias,
 )
 
 __all__ = [
@@ -25,5 +27,7 @@ __all__ = [
     "pull_model",
     "registered_name",
     "resolve_tracking_uri",
+    "save_mlflow_model",
     "save_model_dir",
+    "set_alias",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import socket
 import time
 import warnings
@@ -26,8 +27,11 @@ log = logging.getLogger(__name__)
 # NOTE: MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# NOTE: one progress bar per downloaded file drowns a command's output.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _MAX_PARAMS_PER_CALL = 100
+_METRIC_NAME = re.compile(r"[^\w\-. :/]")
 _MAX_PARAM_LEN = 6000
 
 
@@ -41,6 +45,8 @@ class TrackingConfig(Config):
     """Turn all tracking off (nothing is logged, nothing registered)."""
     register: bool = True
     """Register trained models as pertscale-<model> in the model registry."""
+    aliases: list[str] = dataclasses.field(default_factory=list)
+    """Aliases set on the registered version (models:/NAME@ALIAS); `--alias NAME` adds one."""
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
@@ -137,7 +143,9 @@ class RunLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, int(step or 0)) for k, v in metrics.items()]
+        # NOTE: MLflow refuses metric names with other characters (a cell type "CD14+ Mono").
+        items = [Metric(_METRIC_NAME.sub("_", k), float(v), now, int(step or 0))
+                 for k, v in metrics.items()]
         if items:
             self._call("log_metrics", self._client_call, "log_batch", self.run_id, metrics=items)
 

@@ -93,6 +93,19 @@ def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rng_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """The RNG state with numpy's key array as a tensor, so the file loads with
+    torch.load(weights_only=True) (tensors, numbers, strings, tuples only)."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                               int(pos), int(has_gauss), float(cached))}
+
+
+def _rng_from_tensors(state: dict[str, Any]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {**state, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)}
+
+
 def save_rank_state(ckpt_dir: Path, rank: int, *, engine, loader_state: dict[str, Any],
                     rng_state: dict[str, Any], progress: Progress) -> None:
     """Write this rank's part, in order: engine state (collective: every rank calls it), loader
@@ -101,7 +114,7 @@ def save_rank_state(ckpt_dir: Path, rank: int, *, engine, loader_state: dict[str
     engine.save_checkpoint(str(ckpt_dir / ENGINE_DIR), tag=ENGINE_TAG,
                            client_state={"step": progress.step})
     (ckpt_dir / f"loader_rank{rank}.json").write_text(json.dumps(loader_state))
-    torch.save(rng_state, ckpt_dir / f"rng_rank{rank}.pt")
+    torch.save(_rng_tensors(rng_state), ckpt_dir / f"rng_rank{rank}.pt")
     (ckpt_dir / f"progress_rank{rank}.json").write_text(
         json.dumps(dataclasses.asdict(progress)))
 
@@ -117,9 +130,7 @@ def load_rank_state(ckpt_dir: Path, rank: int, *, engine) -> tuple[dict, dict, P
     if load_path is None:
         raise CheckpointError(f"DeepSpeed found no engine state under {ckpt_dir / ENGINE_DIR}")
     loader_state = json.loads(files[0].read_text())
-    # NOTE: weights_only=False: numpy's RNG state is a tuple holding an ndarray; the file is one
-    # this job wrote into its own run storage.
-    rng_state = torch.load(files[1], weights_only=False)
+    rng_state = _rng_from_tensors(torch.load(files[1], weights_only=True))
     progress = Progress(**json.loads(files[2].read_text()))
     if client_state.get("step") != progress.step:
         raise CheckpointError(

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pertscale.config import load_config
+from pertscale.tracking.commands import add_alias_argument, with_aliases
 from pertscale.training.checkpoint import MODEL_DIR, read_meta
 from pertscale.training.config import PretrainJobConfig
 from pertscale.training.engine import resolve_backend
@@ -120,11 +121,11 @@ def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
 
     model_uri = None
     if logger is not None:
-        state_dict, config, vocab = load_model_dir(ckpt_dir / MODEL_DIR)
-        model_uri = log_model(logger, job.model.name, state_dict, config, vocab,
+        model_uri = log_model(logger, load_model_dir(ckpt_dir / MODEL_DIR),
                               tags={"store_fingerprint": store.fingerprint,
+                                    "store_uri": job.data.store_uri, "task": "pretrain",
                                     "ray_run": run_name, "checkpoint": str(ckpt_dir)},
-                              register=job.tracking.register)
+                              aliases=job.tracking.aliases, register=job.tracking.register)
         logger.end("FINISHED")
     return PretrainResult(run_name=run_name, checkpoint_dir=str(ckpt_dir),
                           metrics=dict(result.metrics or {}),
@@ -141,8 +142,9 @@ def pretrain_main(argv: list[str]) -> int:
                         help="Ray cluster address (auto, ray://host:10001, host:6379); "
                              "default: start an embedded local cluster")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_alias_argument(parser)
     args, overrides = parser.parse_known_args(argv)
-    job = load_config(args.config, overrides, job="pretrain")
+    job = with_aliases(load_config(args.config, overrides, job="pretrain"), args.alias)
     assert isinstance(job, PretrainJobConfig)
     result = run_pretrain(job, address=args.address, show_progress=not args.no_progress)
     print(json.dumps({"run_name": result.run_name, "checkpoint": result.checkpoint_dir,

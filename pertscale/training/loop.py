@@ -3,8 +3,14 @@
 `train_loop_per_worker(config)` receives everything through its config dict (no module
 globals): the job config as a plain dict under "job" and the driver's run facts under "run"
 (tracking URI and MLflow run id, the progress board actor). It builds, for its rank, the loader,
-the tokenizer, the model and the DeepSpeed engine, restores the latest checkpoint when Ray hands
-one over, then trains to `trainer.max_steps` optimizer steps.
+then everything else from the model's spec (`pertscale.models.MODELS[model.name]`): the input
+builder (`make_inputs`, e.g. scgpt's tokenizer) and the module (`build`) inside the DeepSpeed
+engine; restores the latest checkpoint when Ray hands one over, trains to `trainer.max_steps`
+optimizer steps and writes the final weights as the spec exports them.
+
+Logging: the model's `LossOutput.metrics` are per-batch averages (logged as their window mean),
+its `counts` per-batch totals (logged as window sums over all ranks); the loop never special-
+cases a metric name.
 
 Every rank draws the same number of batches per epoch (the loader guarantees it), so the ZeRO
 collectives never wait on a rank that ran dry. Only rank 0 talks to MLflow and the progress
@@ -22,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pertscale.constants import CELL_INDEX, CU_SEQLENS, GENE_IDS, PADDING_MASK
+from pertscale.constants import CELL_INDEX
 from pertscale.training.checkpoint import (
     MODEL_DIR,
     Progress,
@@ -51,13 +57,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
-
-
-def _num_tokens(tokens: dict[str, Any]) -> int:
-    """Real (non-pad) tokens of a token batch, in either layout."""
-    if CU_SEQLENS in tokens:
-        return int(tokens[GENE_IDS].numel())
-    return int((~tokens[PADDING_MASK]).sum())
 
 
 def _to_device(tokens: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -89,8 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     from pertscale.data.loader import build_loader
-    from pertscale.data.tokenizer import Tokenizer
-    from pertscale.models import build_model
+    from pertscale.models import get_spec
     from pertscale.training.config import PretrainJobConfig
     from pertscale.training.engine import (
         build_ds_config,
@@ -114,14 +112,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          f"for one batch of data.batch_size={job.data.batch_size} cells on each "
                          f"of {world} workers")
     vocab = loader.store.vocab
-    tokenizer = Tokenizer(job.tokenizer, vocab)
+    spec = get_spec(job.model.name)
+    make_inputs = spec.make_inputs(job, vocab.tokens)
     ds_config = build_ds_config(eng, micro_batch_size=job.data.batch_size, world_size=world,
                                 total_steps=tr.max_steps, use_gpu=tr.use_gpu)
     torch.manual_seed(tr.seed)  # identical initial weights on every rank
     # Under ZeRO-3 the model is built inside deepspeed.zero.Init: each weight is partitioned
     # as soon as its module exists, so no rank ever holds the whole model.
     with model_init_context(ds_config):
-        model = build_model(job.model, vocab_size=len(vocab))
+        model = spec.build(job.model, vocab.tokens)
     engine = build_engine(model, ds_config)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in engine.module.parameters())
@@ -166,8 +165,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0:
                     from pertscale.tracking import save_model_dir
 
-                    save_model_dir(out / MODEL_DIR, job.model.name, weights,
-                                   job.to_dict(), vocab.tokens)
+                    var = loader.store.var
+                    symbols = (var["gene_symbol"].astype(str).tolist()
+                               if "gene_symbol" in var.columns else None)
+                    save_model_dir(out / MODEL_DIR, spec.export(
+                        job.model, weights,
+                        {"job": job.to_dict(), "vocab": vocab.tokens, "gene_symbols": symbols}))
             if rank == 0:
                 write_meta(out, {"step": progress.step, "world_size": world,
                                  "zero_stage": eng.zero_stage, "final": final,
@@ -182,7 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     def fresh_window() -> dict[str, float]:
         return {"loss": 0.0, "micro": 0, "cells": 0, "tokens": 0, "t0": time.perf_counter()}
 
-    window, model_sums = fresh_window(), {}
+    window, metric_sums, count_sums = fresh_window(), {}, {}
     engine.train()
     while progress.step < tr.max_steps:
         for batch in loader:
@@ -190,9 +193,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ray.get(board.claim_failure.remote()):
                 raise InjectedFailure(
                     f"trainer.fail_at_step={tr.fail_at_step}: rank {rank} fails on purpose")
-            tokens = tokenizer(batch, generator=generator)  # layout from tokenizer.layout
-            n_tokens = _num_tokens(tokens)
-            out = engine(_to_device(tokens, device))
+            inputs = make_inputs(batch, generator=generator)
+            n_tokens = spec.num_tokens(inputs) if spec.num_tokens else 0
+            out = engine(_to_device(inputs, device))
             engine.backward(out.loss)
             engine.step()
             progress.consume(batch[CELL_INDEX], n_tokens)
@@ -202,22 +205,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             window["micro"] += 1
             window["cells"] += len(batch[CELL_INDEX])
             window["tokens"] += n_tokens
-            for name, value in out.metrics.items():  # the model's own terms, e.g. mlm_mse
-                if name != "n_masked":
-                    model_sums[name] = model_sums.get(name, 0.0) + value.detach().double()
+            for sums, terms in ((metric_sums, out.metrics), (count_sums, out.counts)):
+                for name, value in terms.items():  # the model's own terms, e.g. mlm_mse
+                    sums[name] = sums.get(name, 0.0) + value.detach().double()
             if progress.micro_step % eng.grad_accum_steps != 0:
                 continue  # inside an accumulation window: DeepSpeed stepped no optimizer
             progress.step += 1
             if progress.step % tr.log_every == 0 or progress.step == tr.max_steps:
-                names = sorted(model_sums)  # the same on every rank: one model
+                # the same names on every rank: one model
+                names, counted = sorted(metric_sums), sorted(count_sums)
                 loss_sum, micro, cells, n_tok, *term_sums = _all_reduce_sum(
                     [window["loss"], window["micro"], window["cells"], window["tokens"],
-                     *(model_sums[n] for n in names)], device)
+                     *(metric_sums[n] for n in names), *(count_sums[n] for n in counted)],
+                    device)
                 elapsed = max(time.perf_counter() - window["t0"], 1e-9)
                 metrics = {"loss": loss_sum / max(micro, 1), "lr": float(engine.get_lr()[0]),
                            "cells_per_s": cells / elapsed, "tokens_per_s": n_tok / elapsed,
                            "epoch": float(loader.epoch),
-                           **{n: v / max(micro, 1) for n, v in zip(names, term_sums)}}
+                           **{n: v / max(micro, 1) for n, v in zip(names, term_sums)},
+                           **dict(zip(counted, term_sums[len(names):]))}
                 if flops_peak:
                     # 6 N FLOPs per token (forward + backward) over all ranks' devices.
                     metrics["mfu"] = 6 * n_params * n_tok / elapsed / (flops_peak * world)
@@ -225,7 +231,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     logger.log_metrics(metrics, step=progress.step)
                 if rank == 0 and board is not None:
                     board.post.remote(progress.step, metrics)
-                window, model_sums = fresh_window(), {}
+                window, metric_sums, count_sums = fresh_window(), {}, {}
             if progress.step >= tr.max_steps:
                 break
             if progress.step % tr.checkpoint_every == 0:

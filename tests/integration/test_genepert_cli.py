@@ -75,9 +75,9 @@ def test_fit_then_evaluate(ray_session, screen, storage_dir, tmp_path, capsys):
     # MLflow: params, per-split metrics, the report folder, the registered weights
     client = mlflow.MlflowClient(default_tracking_uri())
     run = client.search_runs(client.get_experiment_by_name("pertscale-genepert").experiment_id)[0]
-    assert run.data.params["genepert.n_folds"] == "5"
+    assert run.data.params["model.n_folds"] == "5"
     assert {f"genepert_cv/mse_alpha_{a:g}" for a in (0.01, 0.1, 1, 10, 100)} <= set(run.data.metrics)
-    assert float(run.data.params["genepert.chosen_alpha"]) in (0.01, 0.1, 1.0, 10.0, 100.0)
+    assert float(run.data.params["genepert.alpha"]) in (0.01, 0.1, 1.0, 10.0, 100.0)
     assert run.data.metrics["unseen_single/genepert/pearson_delta_de"] == pytest.approx(
         single.at["genepert", "pearson_delta_de"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
@@ -94,6 +94,88 @@ def test_fit_then_evaluate(ray_session, screen, storage_dir, tmp_path, capsys):
     right = again[again["model"] == "genepert"][cols].reset_index(drop=True)
     pd.testing.assert_frame_equal(left, right, rtol=1e-9)
 
+    # the baselines alone, no model
+    assert main(["evaluate", "--config", str(REPO / "configs/evaluate.toml"),
+                 f"--data.store_uri={store}", "--models=[]", "--baselines_only=true",
+                 f"--report.out_dir={tmp_path / 'base'}"]) == 0
+    alone = pd.read_csv(tmp_path / "base" / "metrics.csv")
+    assert set(alone["model"]) == {"no_change", "train_mean", "additive", "linear"}
+    assert main(["evaluate", "--config", str(REPO / "configs/evaluate.toml"),
+                 f"--data.store_uri={store}", "--models=[]"]) == 2
+    assert "set baselines_only = true" in capsys.readouterr().err
+
+    # predict: an unseen combination of two perturbed genes, as .h5ad and .csv
+    import anndata as ad
+
+    from pertscale.data.perturbation import PerturbationConfig, load_perturbation_data
+    from pertscale.store import open_store
+
+    data = load_perturbation_data(open_store(str(store)),
+                                  PerturbationConfig(covariate_column="cell_type"))
+    singles = sorted(p.genes[0] for p in data.perturbations.values() if len(p.genes) == 1)
+    combo = f"{singles[0]}+{singles[-1]}"
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", "models:/pertscale-genepert@latest", "--perturbations",
+                 f"{combo},{singles[1]}", "--control", str(store), "--covariate-column",
+                 "cell_type", "--out", str(out)]) == 0
+    pred = ad.read_h5ad(out)
+    assert list(pred.var_names) == data.genes and pred.n_obs == 4  # 2 perturbations x 2 types
+    assert set(pred.obs["perturbation"]) == {combo, singles[1]}
+    assert set(pred.obs["cell_type"]) == set(data.conditions["covariate"])
+    ctrl = data.mean(data.control_of(data.perturbed[0]))
+    cov = data.conditions.at[data.control_of(data.perturbed[0]), "covariate"]
+    pulled = pull_model("models:/pertscale-genepert@latest").predictor()
+    row = pred[(pred.obs["perturbation"] == singles[1]) & (pred.obs["cell_type"] == cov)]
+    np.testing.assert_allclose(
+        row.X[0], ctrl + pulled.predict_delta([data.perturbations[singles[1]]])[0], rtol=1e-5,
+        atol=1e-5)
+    assert main(["predict", "--model", "models:/pertscale-genepert@latest", "--perturbations",
+                 combo, "--control", str(store), "--out", str(tmp_path / "pred.csv")]) == 0
+    frame = pd.read_csv(tmp_path / "pred.csv")
+    assert frame["perturbation"].tolist() == [combo] and frame.shape[1] == 1 + len(data.genes)
+    capsys.readouterr()
+    assert main(["predict", "--model", "models:/pertscale-genepert@latest", "--perturbations",
+                 f"{singles[0]}+NOTAGENE", "--control", str(store), "--out",
+                 str(tmp_path / "bad.h5ad")]) == 1
+    assert "cannot represent perturbed gene(s) ['NOTAGENE']" in capsys.readouterr().err
+    assert not (tmp_path / "bad.h5ad").exists()
+
+
+def test_fit_on_a_registered_models_gene_table(ray_session, screen, storage_dir, tmp_path):
+    """init_from: GenePert's features are the gene table of a registered scgpt; the lineage
+    tags name the parent, and an embedding path beside init_from is refused."""
+    import torch
+
+    from pertscale.config import ConfigError, load_config
+    from pertscale.models import get_spec
+    from pertscale.store import open_store
+    from pertscale.tracking import RunLogger, TrackingConfig, log_model, pull_model
+
+    store, emb = screen
+    spec = get_spec("scgpt")
+    job = load_config(REPO / spec.debug_config)
+    st = open_store(str(store))
+    torch.manual_seed(0)
+    module = spec.build(job.model, st.vocab.tokens)
+    exported = spec.export(job.model, module.state_dict(), {
+        "job": job.to_dict(), "vocab": st.vocab.tokens,
+        "gene_symbols": st.var["gene_symbol"].astype(str).tolist()})
+    with RunLogger(TrackingConfig(), run_name="scgpt") as logger:
+        assert log_model(logger, exported, aliases=["base"]) == "models:/pertscale-scgpt/1"
+    config = str(REPO / "configs/genepert.toml")
+    assert main(["fit", "genepert", "--config", config, f"--data.store_uri={store}",
+                 "--init_from=models:/pertscale-scgpt@base", "--alias", "on_scgpt",
+                 f"--report.out_dir={tmp_path / 'rep'}"]) == 0
+    child = pull_model("models:/pertscale-genepert@on_scgpt")
+    assert child.tags["init_from"] == "models:/pertscale-scgpt@base"
+    assert child.tags["init_from_version"] == "models:/pertscale-scgpt/1"
+    assert child.tags["store_fingerprint"] == st.fingerprint and "seed=1" in child.tags["split"]
+    assert "unseen_single" in child.tags["eval_summary"]
+    table = child.state_dict["embeddings"]
+    assert torch.allclose(table, module.state_dict()["gene_embedding.weight"][3:].float())
+    with pytest.raises(ConfigError, match="both give the gene features"):
+        load_config(config, [f"--embeddings.path={emb}", "--init_from=models:/pertscale-scgpt/1"])
+
 
 def test_user_errors(ray_session, screen, storage_dir, tmp_path, capsys):
     store, emb = screen
@@ -105,7 +187,7 @@ def test_user_errors(ray_session, screen, storage_dir, tmp_path, capsys):
     assert "perturbed gene(s) have no embedding: ['G0" in capsys.readouterr().err
     assert main(["fit", "genepert", "--config", config, f"--embeddings.path={emb}"]) == 2
     assert "data.store_uri is empty" in capsys.readouterr().err
-    assert main(["fit", "genepert", "--config", config, "--genepert.alphas=[]"]) == 2
+    assert main(["fit", "genepert", "--config", config, "--model.alphas=[]"]) == 2
     assert main(["fit", "scgpt", "--config", config]) == 1
     assert "unknown model 'scgpt'" in capsys.readouterr().err
 
@@ -127,3 +209,30 @@ def test_norman_report_from_ingested_store(ray_session, storage_dir, tmp_path):
     assert np.isfinite(metrics[metrics["model"] == "genepert"]["pearson_delta"]).all()
     assert "norman19" not in (tmp_path / "rep" / "per_condition.csv").read_text()
     assert len(sizes) >= 3
+
+
+def test_kang_stimulus_baselines_only(ray_session, storage_dir, tmp_path, shared_data):
+    """A treatment that is not a gene (IFN-beta, 'stim') evaluated with the baselines alone on a
+    held-out cell type; undeclared, the same label fails naming it as a gene."""
+    kang = shared_data / "kang/kang2018_muscat_example_sce.h5ad"
+    store = tmp_path / "kang"
+    assert main(["ingest", str(kang), "--out", str(store), "--quiet",
+                 "--obs-columns", "group_id,cluster_id,sample_id"]) == 0
+    config = str(REPO / "configs/evaluate_kang.toml")
+    assert main(["evaluate", "--config", config, f"--data.store_uri={store}",
+                 f"--report.out_dir={tmp_path / 'rep'}"]) == 0
+    metrics = pd.read_csv(tmp_path / "rep" / "metrics.csv")
+    assert set(metrics["subgroup"]) == {"heldout_CD14+ Monocytes"}
+    assert set(metrics["model"]) == {"no_change", "train_mean"}
+    per = pd.read_csv(tmp_path / "rep" / "per_condition.csv")
+    assert "CD14+ Monocytes/stim" in set(per["condition"])
+    import mlflow
+
+    from pertscale.paths import default_tracking_uri
+
+    client = mlflow.MlflowClient(default_tracking_uri())
+    run = client.search_runs(client.get_experiment_by_name("pertscale-evaluate").experiment_id)[0]
+    assert "heldout_CD14_ Monocytes/train_mean/mse_de" in run.data.metrics
+    # stim as a gene: the linear baseline looks it up among the measured genes and says so
+    assert main(["evaluate", "--config", config, f"--data.store_uri={store}",
+                 "--data.perturbation.treatments=[]", '--report.baselines=["linear"]']) == 1

@@ -119,7 +119,8 @@ def test_reference_run_is_tracked_in_mlflow(reference_run):
     weights = _weights(result)
     assert pulled.state_dict.keys() == weights.keys()
     assert all(torch.equal(pulled.state_dict[k], weights[k]) for k in weights)
-    assert pulled.config["engine"]["zero_stage"] == 2
+    assert pulled.config["model"] == "scgpt" and pulled.config["model_config"]["flavor"] == "debug"
+    assert pulled.config["tokenizer"]["layout"] == "packed"
     assert pulled.vocab[:3] == ["<pad>", "<cls>", "<mask>"] and len(pulled.vocab) == N_GENES + 3
 
 

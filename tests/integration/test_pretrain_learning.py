@@ -67,7 +67,7 @@ def _token_batches(store_uri: str, tokenizer_cfg, n_batches: int | None = None):
 
 def test_pretrain_cli_learns_masked_values(stores, storage_dir):
     from pertscale.data.tokenizer import TokenizerConfig
-    from pertscale.models import ModelConfig, build_model
+    from pertscale.models.scgpt import ScGPTConfig, build_scgpt
     from pertscale.tracking.registry import load_model_dir
 
     train, heldout = stores
@@ -76,14 +76,19 @@ def test_pretrain_cli_learns_masked_values(stores, storage_dir):
     cmd = [sys.executable, "-m", "pertscale", "pretrain",
            "--config", str(REPO_ROOT / "configs" / "scgpt_debug.toml"),
            f"--data.store_uri={train}", f"--trainer.max_steps={STEPS}", "--engine.lr=3e-3",
-           "--no-progress"]
+           "--no-progress", "--alias", "learned"]
     proc = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["step"] == STEPS and summary["model_uri"] == "models:/pertscale-scgpt/1"
+    from pertscale.tracking import pull_model
 
-    state_dict, config, vocab = load_model_dir(Path(summary["checkpoint"]) / "model")
-    model = build_model(ModelConfig.from_dict(config["model"]), vocab_size=len(vocab))
+    pulled = pull_model("models:/pertscale-scgpt@learned")
+    assert pulled.version == "1" and pulled.tags["store_fingerprint"]
+
+    exported = load_model_dir(Path(summary["checkpoint"]) / "model")
+    state_dict, config, vocab = exported.tensors, exported.config, exported.vocab
+    model = build_scgpt(ScGPTConfig.from_dict(config["model_config"]), vocab)
     model.load_state_dict(state_dict)
     model.eval()
     tok_cfg = TokenizerConfig.from_dict(config["tokenizer"])

@@ -127,14 +127,16 @@ def test_learns_unseen_single_perturbations(simulated):
     perturbations of genes never perturbed in training."""
     from pertscale.data.embeddings import load_embeddings
     from pertscale.eval.baselines import TrainMean
-    from pertscale.eval.cv import GenePertConfig, GenePertPredictor
+    from pertscale.eval.commands import ModelPredictor
     from pertscale.eval.report import score_conditions
+    from pertscale.models.genepert import GenePertConfig, fit_genepert
 
     data, split, emb_path = simulated
     test = split.test["unseen_single"]
     assert len(test) >= 10
     table = load_embeddings(emb_path)
-    genepert = GenePertPredictor(GenePertConfig(alphas=[1.0]), table).fit(data, split.train)
+    genepert = ModelPredictor("genepert", fit_genepert(GenePertConfig(alphas=[1.0]), data,
+                                                       split.train, features=table), data)
     ours = score_conditions(data, test, genepert.predict_delta(data, test)).mean(numeric_only=True)
     mean = TrainMean().fit(data, split.train)
     base = score_conditions(data, test, mean.predict_delta(data, test)).mean(numeric_only=True)

@@ -142,3 +142,19 @@ def test_config_validation():
         PerturbationConfig(sign_column="k", sign_values={"x": 2})
     with pytest.raises(ConfigError, match="min_cells"):
         PerturbationConfig(min_cells=1)
+
+
+def test_declared_treatments_are_not_genes():
+    """Kang 2018's stimulus: 'stim' is a treatment, kept apart from genes; a combination of a
+    gene and a treatment keeps both; an undeclared 'stim' would be read as a gene."""
+    from pertscale.data.perturbation import PerturbationConfig, parse_perturbation
+
+    stim = parse_perturbation("stim", control_labels=["ctrl"], treatments=["stim"])
+    assert stim.genes == () and stim.treatments == ("stim",) and not stim.is_control
+    assert stim.name == "stim" and stim.parts == (("stim", 1),)
+    both = parse_perturbation("stim+-TP53", control_labels=["ctrl"], treatments=["stim"])
+    assert both.genes == ("TP53",) and both.signs == (-1,) and both.is_combo
+    assert both.name == "-TP53+stim"
+    assert parse_perturbation("stim", control_labels=["ctrl"]).genes == ("stim",)
+    with pytest.raises(ConfigError, match=r"treatments \['ctrl'\] are also control_labels"):
+        PerturbationConfig(control_labels=["ctrl"], treatments=["ctrl"])

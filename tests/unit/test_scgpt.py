@@ -20,7 +20,7 @@ from pertscale.constants import (
     VALUES,
 )
 from pertscale.data.tokenizer import Tokenizer, TokenizerConfig
-from pertscale.models import ModelConfig, build_model
+from pertscale.models.scgpt import ScGPTConfig, build_scgpt
 
 torch.set_num_threads(2)
 N_GENES = 150
@@ -42,7 +42,7 @@ def _tokens(layout, seed=0, **cfg):
 
 def _model(**overrides):
     torch.manual_seed(0)
-    return build_model(ModelConfig(flavor="debug", **overrides), VOCAB_SIZE).double()
+    return build_scgpt(ScGPTConfig(flavor="debug", **overrides), range(VOCAB_SIZE)).double()
 
 
 def _grads(model):
@@ -102,7 +102,7 @@ def test_loss_reads_only_masked_targets_and_reports_metrics():
     changed = dict(batch, **{TARGET_VALUES: batch[TARGET_VALUES].clone()})
     changed[TARGET_VALUES][~batch[MASKED]] += 5.0
     torch.testing.assert_close(model(changed).loss, out.loss)
-    assert int(out.metrics["n_masked"]) == int(batch[MASKED].sum())
+    assert int(out.counts["n_masked"]) == int(batch[MASKED].sum())
     expected = out.metrics["mlm_mse"] + out.metrics["gepc_mse"]
     torch.testing.assert_close(out.loss.detach(), expected)
     assert out.outputs["cell_emb"].shape == (5, 64)
@@ -135,7 +135,7 @@ def test_debug_model_beats_the_mean_on_a_fixed_batch(value_encoder):
 
 
 def test_small_flavor_is_scgpt_size():
-    cfg = ModelConfig(flavor="small")
+    cfg = ScGPTConfig(flavor="small")
     size = cfg.size()
     assert (size.d_model, size.n_layers, size.n_heads, size.d_ff) == (512, 12, 8, 512)
-    assert ModelConfig(flavor="small", n_layers=4).size().n_layers == 4
+    assert ScGPTConfig(flavor="small", n_layers=4).size().n_layers == 4

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pertscale.training.step_bench import (
+from pertscale.bench.step import (
     StepBenchConfig,
     format_rows,
     load_scgpt_peer,

@@ -149,7 +149,7 @@ def measure_loader(uri: str, *, batch_size: int, block_size: int, buffer_blocks:
 
 def run_isolated(**kwargs: Any) -> dict[str, Any]:
     """`measure_loader(**kwargs)` in a fresh interpreter (clean peak RSS, no warm state)."""
-    cmd = [sys.executable, "-m", "pertscale.data.bench", "--measure", json.dumps(kwargs)]
+    cmd = [sys.executable, "-m", "pertscale.bench.loader", "--measure", json.dumps(kwargs)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"loader run {kwargs} failed:\n{proc.stderr[-3000:]}")

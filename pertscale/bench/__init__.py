@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 BENCHES: dict[str, str] = {
-    "ingest": "pertscale.store.bench:main",
-    "loader": "pertscale.data.bench:main",
-    "train": "pertscale.training.bench:main",
+    "ingest": "pertscale.bench.ingest:main",
+    "loader": "pertscale.bench.loader:main",
+    "train": "pertscale.bench.train:main",
 }
 
 

@@ -43,7 +43,7 @@ from pertscale.constants import (
     VALUES,
 )
 from pertscale.data.tokenizer import Tokenizer, TokenizerConfig
-from pertscale.models import ModelConfig, build_model
+from pertscale.models.scgpt import ScGPTConfig, build_scgpt
 
 __all__ = [
     "StepBenchConfig",
@@ -134,11 +134,11 @@ def _peer_step_fn(peer_cls: type, cfg: StepBenchConfig, size, vocab_size: int) -
 
 
 def _contenders(cfg: StepBenchConfig, vocab_size: int) -> list[tuple[str, str, Any, Callable]]:
-    model_cfg = ModelConfig(flavor=cfg.flavor, n_layers=cfg.n_layers, dropout=cfg.dropout)
+    model_cfg = ScGPTConfig(flavor=cfg.flavor, n_layers=cfg.n_layers, dropout=cfg.dropout)
     out = []
     for layout in ("packed", "padded"):
         torch.manual_seed(cfg.seed)
-        model = build_model(model_cfg, vocab_size)
+        model = build_scgpt(model_cfg, range(vocab_size))
         out.append(("pertscale", layout, model, lambda b, m=model: m(b).loss))
     if cfg.peer_path:
         torch.manual_seed(cfg.seed)
@@ -183,7 +183,7 @@ def run_step_bench(cfg: StepBenchConfig,
     timed = range(cfg.warmup, n_batches)
     real_tokens = sum(int(tokens["packed"][s][GENE_IDS].numel()) for s in timed)
     padded_tokens = sum(int(tokens["padded"][s][GENE_IDS].numel()) for s in timed)
-    size = ModelConfig(flavor=cfg.flavor, n_layers=cfg.n_layers).size()
+    size = ScGPTConfig(flavor=cfg.flavor, n_layers=cfg.n_layers).size()
     rows = []
     for (name, layout, model, _), ts, cs in zip(contenders, times, cpu_times):
         step_s = statistics.median(ts)
@@ -237,7 +237,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m pertscale.training.step_bench [--field=value ...] [--json=PATH]`."""
+    """`python -m pertscale.bench.step [--field=value ...] [--json=PATH]`."""
     overrides = parse_overrides(argv)
     json_path = overrides.pop("json", "")
     cfg = StepBenchConfig.from_dict(overrides)

@@ -3,7 +3,7 @@
     pertscale bench train --mode step [--field=value ...] [--out PATH]
         tokens/s, cells/s of train steps for padded vs packed batches of our scgpt (and of
         bowang-lab's scGPT when installed), on cells with a lognormal number of expressed genes
-        (see pertscale.training.step_bench; fields are StepBenchConfig's).
+        (see pertscale.bench.step; fields are StepBenchConfig's).
     pertscale bench train --mode zero [--field=value ...] [--out PATH]
         peak memory per rank for ZeRO stages 0-3 on 2 Ray workers (DeepSpeed engine, real
         optimizer steps) with a model big enough for the sharding to show (fields are
@@ -103,15 +103,15 @@ def _zero_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
+    from pertscale.bench.step import StepBenchConfig, synthetic_csr_batch
     from pertscale.data.tokenizer import Tokenizer, TokenizerConfig
-    from pertscale.models import ModelConfig, build_model
+    from pertscale.models.scgpt import ScGPTConfig, build_scgpt
     from pertscale.training.engine import (
         EngineConfig,
         build_ds_config,
         build_engine,
         model_init_context,
     )
-    from pertscale.training.step_bench import StepBenchConfig, synthetic_csr_batch
 
     cfg = ZeroBenchConfig.from_dict(config["bench"])
     stage = config["stage"]
@@ -127,8 +127,8 @@ def _zero_worker(config: dict[str, Any]) -> None:
         use_gpu=cfg.use_gpu)
     torch.manual_seed(0)
     with model_init_context(ds_config):  # ZeRO-3: partitioned while it is built
-        model = build_model(ModelConfig(d_model=cfg.d_model, n_layers=cfg.n_layers,
-                                        d_ff=cfg.d_ff, n_heads=8), vocab_size=cfg.n_genes + 3)
+        model = build_scgpt(ScGPTConfig(d_model=cfg.d_model, n_layers=cfg.n_layers,
+                                        d_ff=cfg.d_ff, n_heads=8), range(cfg.n_genes + 3))
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     engine = build_engine(model, ds_config)
     sb = StepBenchConfig(batch_size=cfg.batch_size, median_genes=cfg.median_genes,
@@ -206,7 +206,7 @@ def main(argv: list[str]) -> int:
     out = Path(overrides.pop("out", "") or storage_root() / "bench" / f"train_{mode}.json")
     address = overrides.pop("address", None)
     if mode == "step":
-        from pertscale.training.step_bench import StepBenchConfig, format_rows, run_step_bench
+        from pertscale.bench.step import StepBenchConfig, format_rows, run_step_bench
 
         cfg = StepBenchConfig.from_dict(overrides)
         rows = run_step_bench(cfg, log=lambda line: print(line, file=sys.stderr, flush=True))

@@ -1,0 +1,141 @@
+"""The model contract: one `ModelSpec` per model, named in one table (`pertscale.models.MODELS`).
+
+A spec says, for one model (torchtitan's ModelSpec is the pattern):
+
+    debug_config the job file in configs/ that runs it at its debug size (tests walk it)
+    config_cls   its `[model]` section: a `ModelConfig` subclass, validated like every config
+    task         what it learns from: "cells" (masked pretraining on cells; the loader +
+                 tokenizer), "paired" (perturbed cells each paired with a control of the same
+                 context) or "pseudobulk" (a closed-form fit on per-condition mean changes)
+    build        trained models: (config, vocab) -> torch module whose forward returns LossOutput
+    make_inputs  trained models: (job config, vocab) -> callable(loader batch, generator) ->
+                 the module's input dict
+    fit          fitted models: (config, data, train conditions, features, parallel map) ->
+                 a fitted object
+    export       trained: (config, state dict, context) / fitted: (config, fitted, context) ->
+                 `Exported` (tensors + JSON config + vocabulary)
+    load         `Exported` -> a predictor (a `PerturbationPredictor`, or a cell embedder)
+    gene_table   optional: `Exported` -> (gene names, vectors), the model's gene embeddings,
+                 which a fit job can take as features (`init_from = "models:/..."`)
+
+The worker loop, `fit`, `evaluate`, `pull`, `predict` and the registry read only specs. Adding a
+model is one module exporting `SPEC`, one config file and one line in the table.
+
+Architecture only: no ray, mlflow or file I/O here; parallel work comes in as a `map` callable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from pertscale.config import Config, ConfigError, check_choice
+
+__all__ = [
+    "PREDICTS",
+    "TASKS",
+    "Exported",
+    "ModelConfig",
+    "ModelSpec",
+    "PerturbationPredictor",
+    "get_spec",
+]
+
+TASKS = ("cells", "paired", "pseudobulk")
+PREDICTS = ("delta", "embedding")
+
+
+@dataclasses.dataclass
+class ModelConfig(Config):
+    """Base of every `[model]` section: `name` picks the model and with it the section's class
+    (`variant`), so `[model] name = "genepert"` is validated as GenePertConfig."""
+
+    name: str = "scgpt"
+    """The model, a key of pertscale.models.MODELS."""
+
+    @classmethod
+    def variant(cls, data: dict[str, Any]) -> type[ModelConfig]:
+        """The config class of the model a `[model]` table names (default: this class's)."""
+        from pertscale.models import MODELS
+
+        default = next(f.default for f in dataclasses.fields(cls) if f.name == "name")
+        name = data.get("name", default)
+        check_choice("model.name", name, MODELS)
+        return MODELS[name].config_cls
+
+    def _check_name(self, expected: str) -> None:
+        if self.name != expected:
+            raise ConfigError(f"name={self.name!r}: this section is the {expected!r} model's")
+
+
+@dataclasses.dataclass
+class Exported:
+    """What a model version holds: tensors (safetensors), a JSON config, a vocabulary.
+
+    `config` always has "model" (the spec name) and "model_config" (the `[model]` section)."""
+
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    vocab: list[str]
+
+
+class PerturbationPredictor(Protocol):
+    """A pulled perturbation model: predicted mean change per readout gene."""
+
+    genes: list[str]
+    """Readout genes (columns of every prediction)."""
+
+    def missing_genes(self, perturbations: Sequence[Any]) -> list[str]:
+        """Perturbed genes (of `Perturbation` objects) the model cannot represent, sorted."""
+        ...
+
+    def predict_delta(self, perturbations: Sequence[Any],
+                      covariates: Sequence[str] | None = None) -> np.ndarray:
+        """[P, G] predicted change against control for each perturbation (in its covariate)."""
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How one model is configured, built or fitted, fed, exported and loaded (module doc)."""
+
+    name: str
+    description: str
+    debug_config: str
+    """The job file (under configs/) that runs this model at its debug size."""
+    config_cls: type[ModelConfig]
+    task: str
+    predicts: str
+    export: Callable[..., Exported]
+    load: Callable[[Exported], Any]
+    build: Callable[[Any, Sequence[str]], torch.nn.Module] | None = None
+    make_inputs: Callable[[Any, Any], Callable[..., dict[str, Any]]] | None = None
+    num_tokens: Callable[[dict[str, Any]], int] | None = None
+    fit: Callable[..., Any] | None = None
+    gene_table: Callable[[Exported], tuple[list[str], np.ndarray]] | None = None
+
+    def __post_init__(self) -> None:
+        check_choice(f"{self.name}.task", self.task, TASKS)
+        check_choice(f"{self.name}.predicts", self.predicts, PREDICTS)
+        trained = self.build is not None and self.make_inputs is not None
+        if trained == (self.fit is not None):
+            raise ValueError(f"model spec {self.name!r} needs either build + make_inputs "
+                             f"(trained on the engine) or fit (closed form), not both or neither")
+
+    @property
+    def trained(self) -> bool:
+        """True for models trained on the DeepSpeed engine; False for closed-form fits."""
+        return self.fit is None
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The spec named `name`; an unknown name lists the models."""
+    from pertscale.models import MODELS
+
+    if name not in MODELS:
+        raise ValueError(f"model {name!r} is not one of {sorted(MODELS)}")
+    return MODELS[name]
