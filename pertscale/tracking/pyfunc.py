@@ -4,8 +4,9 @@
                                   "-A" for an inhibited gene), optional column `covariate`
                           output: one float column per readout gene, the predicted change of
                                   its mean (log1p-normalised expression) against control
-    predicts "embedding"  input:  one column per gene (id or symbol of the model's vocabulary),
-                                  one row per cell, values = expression
+    predicts "embedding"  input:  one column per gene id of the model's vocabulary (the
+                                  signature's columns; absent genes are unexpressed), one row
+                                  per cell, values = expression
                           output: columns emb_0 .. emb_{C-1}, the cell embedding
 """
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +220,35 @@ def test_real_server_round_trip_and_pull_cli(mlflow_server, storage_dir, monkeyp
     out = capsys.readouterr().out
     assert "pulled pertscale-genepert version 1" in out and "vocab size: 4" in out
     assert (tmp_path / "pulled").rglob("model.safetensors")
+
+
+def test_scgpt_pyfunc_embeds_cells_in_a_fresh_process(storage_dir):
+    """The registered scgpt kind: a DataFrame of cells x genes in, cell embeddings out, equal to
+    the in-process embedder's."""
+    import numpy as np
+
+    from pertscale.config import load_config
+    from pertscale.models import get_spec
+    spec = get_spec("scgpt")
+    job = load_config(Path(__file__).resolve().parents[2] / spec.debug_config)
+    vocab = ["<pad>", "<cls>", "<mask>", *(f"ENSG{i:03d}" for i in range(20))]
+    torch.manual_seed(0)
+    module = spec.build(job.model, vocab)
+    exported = spec.export(job.model, module.state_dict(),
+                           {"job": job.to_dict(), "vocab": vocab,
+                            "gene_symbols": [f"G{i}" for i in range(20)]})
+    with RunLogger(TrackingConfig(), run_name="scgpt") as logger:
+        assert log_model(logger, exported) == "models:/pertscale-scgpt/1"
+    x = np.random.default_rng(0).poisson(1.0, size=(3, 5)).astype(float)
+    x[:, 0] += 1  # every cell expresses a gene
+    code = ("import mlflow, pandas as pd, numpy as np; "
+            "m = mlflow.pyfunc.load_model('models:/pertscale-scgpt/1'); "
+            f"x = np.array({x.tolist()}); "
+            "out = m.predict(pd.DataFrame(x, columns=['ENSG000', 'ENSG001', 'ENSG002', 'ENSG003', 'ENSG004'])); "
+            "print(out.shape, out.to_numpy().round(5).tolist())")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{storage_dir / 'mlflow/mlflow.db'}"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = spec.load(exported).embed(x, ["G0", "G1", "G2", "ENSG003", "G4"])  # symbols or ids
+    assert proc.stdout.strip() == f"(3, 64) {expected.round(5).tolist()}"
