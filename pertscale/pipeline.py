@@ -144,10 +144,10 @@ def main(argv: list[str]) -> int:
         print(f"pertscale quickstart: {e}", file=sys.stderr)
         return 1
     print("\nquickstart summary")
-    print(f"  {'step':<10} {'seconds':>8}  status")
+    print(f"  {'step':<15} {'seconds':>8}  status")
     for step, seconds, rc in rows:
-        print(f"  {step:<10} {seconds:>8.1f}  {'ok' if rc == 0 else f'exit {rc}'}")
-    print(f"  {'total':<10} {time.perf_counter() - total:>8.1f}")
+        print(f"  {step:<15} {seconds:>8.1f}  {'ok' if rc == 0 else f'exit {rc}'}")
+    print(f"  {'total':<15} {time.perf_counter() - total:>8.1f}")
     print(f"  MLflow: {storage_root() / 'mlflow'} (mlflow ui --backend-store-uri "
           f"sqlite:///{storage_root() / 'mlflow' / 'mlflow.db'})")
     return 0

@@ -141,7 +141,7 @@ def run_fit(job: FitJobConfig, *, address: str | None = None) -> EvalResult:
             result.model_uri = log_model(
                 logger, exported,
                 {"store_fingerprint": data.source["fingerprint"], "store_uri": data.source["uri"],
-                 "split": f"{split.name} seed={job.data.split.seed}", "task": "fit",
+                 "split": split.name, "task": "fit",
                  "eval_summary": _eval_summary(result, spec.name), **lineage},
                 aliases=job.tracking.aliases)
     return result
