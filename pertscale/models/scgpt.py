@@ -367,14 +367,13 @@ class ScGPTEmbedder:
         from pertscale.constants import INDICES, INDPTR, OBS, VALUES
         from pertscale.data.tokenizer import Tokenizer
 
+        import scipy.sparse as sp
+
         genes = self.gene_columns(columns)
-        x_CG = np.asarray(x_CG, dtype=np.float32)
-        rows, cols = np.nonzero(x_CG)
-        order = np.lexsort((genes[cols], rows))
-        rows, cols = rows[order], cols[order]
-        indptr = np.searchsorted(rows, np.arange(x_CG.shape[0] + 1)).astype(np.int64)
-        batch = {INDPTR: indptr, INDICES: genes[cols].astype(np.int32),
-                 VALUES: x_CG[rows, cols], OBS: {}}
+        m = sp.csr_matrix(np.asarray(x_CG, dtype=np.float32))
+        # NOTE: column order need not follow the vocabulary; the tokenizer sorts each row.
+        batch = {INDPTR: m.indptr.astype(np.int64), INDICES: genes[m.indices].astype(np.int32),
+                 VALUES: m.data, OBS: {}}
         tokens = Tokenizer(self.tokenizer_cfg, self.vocab)(
             batch, generator=torch.Generator().manual_seed(seed))
         return self.model(tokens).outputs["cell_emb"].double().numpy()
