@@ -364,10 +364,10 @@ class ScGPTEmbedder:
     @torch.no_grad()
     def embed(self, x_CG: np.ndarray, columns: Sequence[str], seed: int = 0) -> np.ndarray:
         """[cells, d_model] cell embeddings of dense expression `x_CG` over `columns`."""
+        import scipy.sparse as sp
+
         from pertscale.constants import INDICES, INDPTR, OBS, VALUES
         from pertscale.data.tokenizer import Tokenizer
-
-        import scipy.sparse as sp
 
         genes = self.gene_columns(columns)
         m = sp.csr_matrix(np.asarray(x_CG, dtype=np.float32))
