@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("pertscale.store.commands:verify_main", "check every shard of a store against its checksums"),
     "info": ("pertscale.store.commands:info_main", "print a store's metadata"),
     "pretrain": ("pertscale.training.commands:pretrain_main", "pretrain a model with DeepSpeed ZeRO on Ray Train"),
+    "finetune": ("pertscale.training.finetune:finetune_main", "fine-tune a perturbation model (gears) on paired cells, register and evaluate it"),
     "fit": ("pertscale.eval.commands:fit_main", "fit a closed-form perturbation model (genepert) on the Ray cluster"),
     "evaluate": ("pertscale.eval.commands:evaluate_main", "evaluate models beside baselines and write a report"),
     "pull": ("pertscale.tracking.commands:pull_main", "fetch and verify a registered model (models:/NAME@ALIAS)"),

@@ -168,6 +168,7 @@ JOBS: dict[str, str] = {
     "quickstart": "pertscale.pipeline:QuickstartConfig",
     "simulate": "pertscale.data.synthetic:SimulatorConfig",
     "pretrain": "pertscale.training.config:PretrainJobConfig",
+    "finetune": "pertscale.training.config:FinetuneJobConfig",
     "fit": "pertscale.eval.config:FitJobConfig",
     "evaluate": "pertscale.eval.config:EvaluateJobConfig",
 }

@@ -16,6 +16,20 @@ Tokens (torch tensors; padded layout uses [B, L], packed layout uses [T] = sum o
     CU_SEQLENS     int32  [B+1]         cumulative lengths (packed layout only)
     MAX_SEQLEN     int                  longest sequence in a packed batch
     CONDITION_IDS  int64  [B]           optional condition / batch label per cell
+
+Paired batches (the "paired" task: each perturbed cell with a control of its covariate; numpy):
+    CELL_INDEX     int64  [B]     global row of each perturbed cell
+    CONTROL_INDEX  int64  [B]     global row of the control cell paired with it
+    CONDITION      int64  [B]     the perturbed cell's condition (row of the task's table)
+    X_TARGET       float32[B, G]  the perturbed cell's expression (log1p-normalised)
+    X_CONTROL      float32[B, G]  the paired control cell's expression (log1p-normalised)
+
+Perturbation-model inputs (torch tensors built from a paired batch; K = genes per perturbation):
+    PERT_GENES     int64  [B, K]  perturbed genes as rows of the model's perturbation table
+                                  (-1 = padding)
+    PERT_SIGNS     float32[B, K]  direction of each perturbed gene: +1 / -1 (0 = padding)
+    LOSS_GENES     bool   [B, G]  genes the loss counts for this cell's perturbation
+    CONTROL_MEAN   float32[B, G]  mean control expression of the cell's covariate
 """
 
 CELL_INDEX = "cell_index"
@@ -32,6 +46,15 @@ PADDING_MASK = "padding_mask"
 CU_SEQLENS = "cu_seqlens"
 MAX_SEQLEN = "max_seqlen"
 CONDITION_IDS = "condition_ids"
+
+CONTROL_INDEX = "control_index"
+CONDITION = "condition"
+X_TARGET = "x_target"
+X_CONTROL = "x_control"
+PERT_GENES = "pert_genes"
+PERT_SIGNS = "pert_signs"
+LOSS_GENES = "loss_genes"
+CONTROL_MEAN = "control_mean"
 
 # Special tokens of every gene vocabulary, in this order, before the genes.
 PAD_TOKEN = "<pad>"

@@ -20,7 +20,9 @@ few in flight, and summed per condition, so memory is [conditions, genes], never
 
 Top DE genes follow GEARS: scanpy's `rank_genes_groups(groupby=condition, reference=control,
 method="t-test", rankby_abs=True)`, i.e. Welch t-scores from means and unbiased variances,
-NaN scores set to 0, genes ranked by |score|.
+NaN scores set to 0, genes ranked by |score|. The non-dropout top DE genes (GEARS'
+`top_non_dropout_de_20`) are the first of that ranking among genes with a nonzero mean in the
+condition or a zero mean in both condition and control.
 """
 
 from __future__ import annotations
@@ -161,7 +163,7 @@ class PerturbationData:
     `conditions` (one row per group, index = condition id "PERT" or "COVARIATE/PERT") has
     columns perturbation (canonical name), covariate, n_cells, is_control; `mean_XG` / `var_XG`
     hold each group's mean and unbiased variance; `de_idx` maps each perturbed condition to its
-    top DE gene indices."""
+    top DE gene indices, `de_nd_idx` to its top non-dropout DE gene indices."""
 
     genes: list[str]
     symbols: list[str]
@@ -170,6 +172,7 @@ class PerturbationData:
     mean_XG: np.ndarray
     var_XG: np.ndarray
     de_idx: dict[str, np.ndarray]
+    de_nd_idx: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     dropped: dict[str, int] = dataclasses.field(default_factory=dict)
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -244,9 +247,13 @@ def welch_t_scores(mean1: np.ndarray, var1: np.ndarray, n1: int,
     return scores
 
 
-def top_de_genes(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the `n` genes with the largest |score|, largest first (ties by gene order)."""
-    return np.argsort(-np.abs(scores), kind="stable")[:n]
+def top_de_genes(scores: np.ndarray, n: int, keep: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the `n` genes with the largest |score|, largest first (ties by gene order),
+    among the genes where `keep` (bool [G]) is True when given."""
+    order = np.argsort(-np.abs(scores), kind="stable")
+    if keep is not None:
+        order = order[keep[order]]
+    return order[:n]
 
 
 def _obs_column(obs: pd.DataFrame, column: str, uri: str) -> pd.Series:
@@ -351,4 +358,6 @@ def load_perturbation_data(src: Any, cfg: PerturbationConfig) -> PerturbationDat
         scores = welch_t_scores(mean_XG[i], var_XG[i], int(n_X[i]),
                                 mean_XG[c], var_XG[c], int(n_X[c]))
         data.de_idx[cond] = top_de_genes(scores, cfg.n_de_genes)
+        non_dropout = (mean_XG[i] != 0) | (mean_XG[c] == 0)
+        data.de_nd_idx[cond] = top_de_genes(scores, cfg.n_de_genes, non_dropout)
     return data

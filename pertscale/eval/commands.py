@@ -39,7 +39,7 @@ from pertscale.eval.evaluation import (
 from pertscale.models import MODELS, get_spec
 from pertscale.tracking.commands import add_alias_argument, with_aliases
 
-__all__ = ["ModelPredictor", "evaluate_main", "fit_main", "run_evaluate", "run_fit"]
+__all__ = ["ModelPredictor", "eval_summary", "evaluate_main", "fit_main", "run_evaluate", "run_fit"]
 
 FITTED = sorted(name for name, spec in MODELS.items() if not spec.trained)
 
@@ -103,7 +103,7 @@ def _features(job: FitJobConfig, data: PerturbationData) -> tuple[GeneEmbeddings
                    "features": source}
 
 
-def _eval_summary(result: EvalResult, name: str) -> str:
+def eval_summary(result: EvalResult, name: str) -> str:
     """A short JSON of the model's mean top-DE Pearson delta and MSE per test subgroup."""
     rows = result.summary[result.summary["model"] == name]
     return json.dumps({r.subgroup: {"pearson_delta_de": round(float(r.pearson_delta_de), 4),
@@ -142,7 +142,7 @@ def run_fit(job: FitJobConfig, *, address: str | None = None) -> EvalResult:
                 logger, exported,
                 {"store_fingerprint": data.source["fingerprint"], "store_uri": data.source["uri"],
                  "split": split.name, "task": "fit",
-                 "eval_summary": _eval_summary(result, spec.name), **lineage},
+                 "eval_summary": eval_summary(result, spec.name), **lineage},
                 aliases=job.tracking.aliases)
     return result
 

@@ -14,7 +14,8 @@ computes:
 An undefined value (Pearson of a constant vector, R^2 of a constant target) is NaN, never a
 made-up number: the no-change baseline has no Pearson delta.
 
-`perturbation_metrics` computes the named set the reports use for one perturbation.
+`perturbation_metrics` computes the named set the reports use for one perturbation: on all
+genes, on the top DE genes ("_de") and on GEARS' top non-dropout DE genes ("_de_nd").
 """
 
 from __future__ import annotations
@@ -94,19 +95,23 @@ def r2_mean(pred: np.ndarray, true: np.ndarray, genes: np.ndarray | None = None)
     return 1.0 - float(np.sum((true - pred) ** 2)) / ss_tot
 
 
-# name -> function of (pred, true, ctrl, de_idx); "_de" metrics use the top DE genes.
-_METRICS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], float]] = {
-    "pearson_delta": lambda p, t, c, de: pearson_delta(p, t, c),
-    "pearson_delta_de": lambda p, t, c, de: pearson_delta(p, t, c, de),
-    "mse": lambda p, t, c, de: mse(p, t),
-    "mse_de": lambda p, t, c, de: mse(p, t, de),
-    "direction_accuracy_de": lambda p, t, c, de: direction_accuracy(p, t, c, de),
-    "r2_mean": lambda p, t, c, de: r2_mean(p, t),
+# name -> function of (pred, true, ctrl, de_idx, de_nd_idx); "_de" metrics use the top DE genes,
+# "_de_nd" the top non-dropout DE genes.
+_METRICS: dict[str, Callable[..., float]] = {
+    "pearson_delta": lambda p, t, c, de, nd: pearson_delta(p, t, c),
+    "pearson_delta_de": lambda p, t, c, de, nd: pearson_delta(p, t, c, de),
+    "mse": lambda p, t, c, de, nd: mse(p, t),
+    "mse_de": lambda p, t, c, de, nd: mse(p, t, de),
+    "direction_accuracy_de": lambda p, t, c, de, nd: direction_accuracy(p, t, c, de),
+    "r2_mean": lambda p, t, c, de, nd: r2_mean(p, t),
+    "pearson_delta_de_nd": lambda p, t, c, de, nd: pearson_delta(p, t, c, nd),
+    "mse_de_nd": lambda p, t, c, de, nd: mse(p, t, nd),
 }
 METRIC_NAMES: tuple[str, ...] = tuple(_METRICS)
 
 
 def perturbation_metrics(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,
-                         de_idx: np.ndarray) -> dict[str, float]:
-    """Every metric of `METRIC_NAMES` for one perturbation; `de_idx` are its top DE genes."""
-    return {name: fn(pred, true, ctrl, de_idx) for name, fn in _METRICS.items()}
+                         de_idx: np.ndarray, de_nd_idx: np.ndarray) -> dict[str, float]:
+    """Every metric of `METRIC_NAMES` for one perturbation; `de_idx` are its top DE genes,
+    `de_nd_idx` its top non-dropout DE genes."""
+    return {name: fn(pred, true, ctrl, de_idx, de_nd_idx) for name, fn in _METRICS.items()}

@@ -55,7 +55,8 @@ def score_conditions(data: PerturbationData, conditions: list[str],
             continue
         ctrl_G = data.ctrl_mean(cond)
         rows.append({"condition": cond, **perturbation_metrics(
-            ctrl_G + delta_G, data.mean(cond), ctrl_G, data.de_idx[cond])})
+            ctrl_G + delta_G, data.mean(cond), ctrl_G, data.de_idx[cond],
+            data.de_nd_idx[cond])})
     return pd.DataFrame(rows, columns=["condition", *METRIC_NAMES])
 
 

@@ -7,9 +7,15 @@ A spec says, for one model (torchtitan's ModelSpec is the pattern):
     task         what it learns from: "cells" (masked pretraining on cells; the loader +
                  tokenizer), "paired" (perturbed cells each paired with a control of the same
                  context) or "pseudobulk" (a closed-form fit on per-condition mean changes)
-    build        trained models: (config, vocab) -> torch module whose forward returns LossOutput
-    make_inputs  trained models: (job config, vocab) -> callable(loader batch, generator) ->
+    build        trained models: (config, context) -> torch module whose forward returns
+                 LossOutput; the context is the vocabulary (task "cells") or the task context
+                 dict (task "paired": genes, perturbation table, priors; see
+                 pertscale.data.paired.build_paired_context)
+    make_inputs  trained models: (job config, context) -> callable(loader batch, generator) ->
                  the module's input dict
+    prepare      paired models: (job config, PairedTask) -> the model's own context entries
+                 (e.g. GEARS' perturbation table and graphs), computed once on the driver;
+                 a paired module also has predict_delta(pert_genes, pert_signs, control_mean)
     fit          fitted models: (config, data, train conditions, features, parallel map) ->
                  a fitted object
     export       trained: (config, state dict, context) / fitted: (config, fitted, context) ->
@@ -42,6 +48,7 @@ __all__ = [
     "ModelConfig",
     "ModelSpec",
     "PerturbationPredictor",
+    "encode_perturbations",
     "get_spec",
 ]
 
@@ -116,12 +123,16 @@ class ModelSpec:
     make_inputs: Callable[[Any, Any], Callable[..., dict[str, Any]]] | None = None
     num_tokens: Callable[[dict[str, Any]], int] | None = None
     fit: Callable[..., Any] | None = None
+    prepare: Callable[[Any, Any], dict[str, Any]] | None = None
     gene_table: Callable[[Exported], tuple[list[str], np.ndarray]] | None = None
 
     def __post_init__(self) -> None:
         check_choice(f"{self.name}.task", self.task, TASKS)
         check_choice(f"{self.name}.predicts", self.predicts, PREDICTS)
         trained = self.build is not None and self.make_inputs is not None
+        if self.task == "paired" and self.prepare is None:
+            raise ValueError(f"model spec {self.name!r} trains on the paired task and needs "
+                             f"prepare (its perturbation table)")
         if trained == (self.fit is not None):
             raise ValueError(f"model spec {self.name!r} needs either build + make_inputs "
                              f"(trained on the engine) or fit (closed form), not both or neither")
@@ -130,6 +141,20 @@ class ModelSpec:
     def trained(self) -> bool:
         """True for models trained on the DeepSpeed engine; False for closed-form fits."""
         return self.fit is None
+
+
+def encode_perturbations(perturbations: Sequence[Any], index: dict[str, int]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """(genes int64 [P, K], signs float32 [P, K]) of `Perturbation` objects as rows of a
+    model's perturbation table `index` (gene -> row), padded with -1 / 0; every gene must be
+    in `index` (a predictor's `missing_genes` says which are not)."""
+    k = max([len(p.genes) for p in perturbations] + [1])
+    genes = np.full((len(perturbations), k), -1, dtype=np.int64)
+    signs = np.zeros((len(perturbations), k), dtype=np.float32)
+    for i, p in enumerate(perturbations):
+        for j, (g, s) in enumerate(zip(p.genes, p.signs)):
+            genes[i, j], signs[i, j] = index[g], s
+    return genes, signs
 
 
 def get_spec(name: str) -> ModelSpec:

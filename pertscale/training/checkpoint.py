@@ -6,7 +6,9 @@ Train merges the ranks' files into one directory in its storage (local path or s
     engine/latest, engine/state/...   DeepSpeed `save_checkpoint` (every rank's ZeRO shards)
     loader_rank{r}.json               the rank's CellLoader.state_dict()
     rng_rank{r}.pt                    python, numpy, torch (and CUDA) RNG + the tokenizer generator
-    progress_rank{r}.json             step, cells/tokens consumed, digest of the consumed cell ids
+    progress_rank{r}.json             step, cells/tokens consumed, digest of the consumed cell ids,
+                                      best validation score and its step (validated tasks)
+    best_weights.safetensors          rank 0, validated tasks: full weights of the best step
     model/                            rank 0, final checkpoint only: full fp32 weights
                                       (safetensors), config, gene vocabulary, manifest
     meta.json                         rank 0: step, world size, ZeRO stage, final flag, and the
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "BEST_FILE",
     "ENGINE_DIR",
     "ENGINE_TAG",
     "META_FILE",
@@ -49,6 +52,7 @@ ENGINE_DIR = "engine"
 ENGINE_TAG = "state"
 MODEL_DIR = "model"
 META_FILE = "meta.json"
+BEST_FILE = "best_weights.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -65,6 +69,10 @@ class Progress:
     cells: int = 0
     tokens: int = 0
     cells_digest: str = ""
+    best_score: float | None = None
+    """Validated tasks: the best validation score so far (lower is better) ..."""
+    best_step: int = -1
+    """... and the optimizer step it was reached at (its weights: BEST_FILE, rank 0)."""
 
     def consume(self, cell_index: np.ndarray, num_tokens: int) -> None:
         h = hashlib.sha256(self.cells_digest.encode())

@@ -31,7 +31,8 @@ from pertscale.training.trainer import (
     new_run_name,
 )
 
-__all__ = ["PretrainResult", "pretrain_main", "run_pretrain"]
+__all__ = ["Launched", "PretrainResult", "absolute_uri", "launch_training", "pretrain_main",
+           "run_pretrain"]
 
 
 @dataclasses.dataclass
@@ -60,8 +61,7 @@ def _resolve_store(job: PretrainJobConfig) -> tuple[PretrainJobConfig, Any]:
     uri = job.data.store_uri
     if not uri:
         raise ValueError("data.store_uri is empty: pass --data.store_uri=PATH_OR_URI")
-    if "://" not in uri:
-        uri = str(Path(uri).resolve())
+    uri = absolute_uri(uri)
     store = open_store(uri)
     need = job.data.batch_size * job.trainer.num_workers
     if store.n_cells < need:
@@ -72,17 +72,33 @@ def _resolve_store(job: PretrainJobConfig) -> tuple[PretrainJobConfig, Any]:
     return dataclasses.replace(job, data=data), store
 
 
-def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
-                 show_progress: bool = True) -> PretrainResult:
-    """Pretrain `job` on the Ray cluster at `address` (or an embedded one) and register the
-    final weights; see the module docstring."""
+@dataclasses.dataclass
+class Launched:
+    """A finished training launch: where its final checkpoint is and its open MLflow run."""
+
+    run_name: str
+    checkpoint_dir: Path
+    metrics: dict[str, Any]
+    logger: Any
+    """The driver's RunLogger (None when tracking is off); the caller ends it."""
+    run_id: str | None
+
+
+def absolute_uri(uri: str) -> str:
+    """A local store path made absolute (workers do not share the driver's directory)."""
+    return uri if "://" in uri else str(Path(uri).resolve())
+
+
+def launch_training(job: Any, *, kind: str, tags: dict[str, str], address: str | None,
+                    show_progress: bool, context: dict[str, Any] | None = None) -> Launched:
+    """Run `train_loop_per_worker` for `job` (a JOB_KINDS[kind] config) on the Ray cluster at
+    `address` (or an embedded one) with the driver's MLflow run and progress bar; returns the
+    final checkpoint. A failed run ends its MLflow run as FAILED and raises."""
     import ray
 
-    from pertscale.tracking import RunLogger, log_model, resolve_tracking_uri
-    from pertscale.tracking.registry import load_model_dir
+    from pertscale.tracking import RunLogger, resolve_tracking_uri
     from pertscale.training.loop import train_loop_per_worker
 
-    job, store = _resolve_store(job)
     tr = job.trainer
     backend = resolve_backend(job.engine, tr.use_gpu)
     run_name = tr.run_name or new_run_name(job.model.name)
@@ -93,15 +109,14 @@ def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
     if job.tracking.enabled:
         tracking_uri = resolve_tracking_uri(job.tracking)
         logger = RunLogger(dataclasses.replace(job.tracking, uri=tracking_uri),
-                           run_name=run_name,
-                           tags={"job": "pretrain", "store_fingerprint": store.fingerprint,
-                                 "store_uri": job.data.store_uri})
+                           run_name=run_name, tags={"job": kind, **tags})
         run.update(run_id=logger.run_id if logger.active else None, tracking_uri=tracking_uri)
 
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     run["progress_board"] = board
-    trainer = build_trainer(train_loop_per_worker, {"job": job.to_dict(), "run": run}, tr,
-                            backend=backend, run_name=run_name)
+    loop_config = {"job": job.to_dict(), "kind": kind, "run": run, "context": context}
+    trainer = build_trainer(train_loop_per_worker, loop_config, tr, backend=backend,
+                            run_name=run_name)
     try:
         result = fit_with_progress(trainer, board, tr.max_steps, show=show_progress)
     except BaseException:
@@ -118,18 +133,34 @@ def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
     meta = read_meta(ckpt_dir)
     if not meta.get("final"):
         raise RuntimeError(f"run {run_name} ended without its final checkpoint ({ckpt_dir})")
+    return Launched(run_name=run_name, checkpoint_dir=ckpt_dir,
+                    metrics=dict(result.metrics or {}), logger=logger, run_id=run["run_id"])
 
+
+def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
+                 show_progress: bool = True) -> PretrainResult:
+    """Pretrain `job` on the Ray cluster at `address` (or an embedded one) and register the
+    final weights; see the module docstring."""
+    from pertscale.tracking import log_model
+    from pertscale.tracking.registry import load_model_dir
+
+    job, store = _resolve_store(job)
+    launched = launch_training(job, kind="pretrain", address=address,
+                               show_progress=show_progress,
+                               tags={"store_fingerprint": store.fingerprint,
+                                     "store_uri": job.data.store_uri})
+    ckpt_dir, logger = launched.checkpoint_dir, launched.logger
     model_uri = None
     if logger is not None:
         model_uri = log_model(logger, load_model_dir(ckpt_dir / MODEL_DIR),
                               tags={"store_fingerprint": store.fingerprint,
                                     "store_uri": job.data.store_uri, "task": "pretrain",
-                                    "ray_run": run_name, "checkpoint": str(ckpt_dir)},
+                                    "ray_run": launched.run_name, "checkpoint": str(ckpt_dir)},
                               aliases=job.tracking.aliases, register=job.tracking.register)
         logger.end("FINISHED")
-    return PretrainResult(run_name=run_name, checkpoint_dir=str(ckpt_dir),
-                          metrics=dict(result.metrics or {}),
-                          mlflow_run_id=run["run_id"], model_uri=model_uri)
+    return PretrainResult(run_name=launched.run_name, checkpoint_dir=str(ckpt_dir),
+                          metrics=launched.metrics, mlflow_run_id=launched.run_id,
+                          model_uri=model_uri)
 
 
 def pretrain_main(argv: list[str]) -> int:

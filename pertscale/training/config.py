@@ -1,11 +1,16 @@
-"""The `pretrain` job config: the sections one pretraining run is built from.
+"""The `pretrain` and `finetune` job configs: the sections one training run is built from.
 
+pretrain (task "cells"):
     [data]       LoaderConfig     store (--data.store_uri=URI), cells per micro-batch, shuffling
     [tokenizer]  TokenizerConfig  bins, max_seq_len, mask ratio, packed/padded layout
     [model]      the model's own config (its spec's config_cls, chosen by `name`)
     [engine]     EngineConfig     DeepSpeed: ZeRO stage, precision, accumulation, clipping, LR
     [trainer]    TrainerConfig    Ray Train: steps, workers, checkpoints, failures, storage
     [tracking]   TrackingConfig   MLflow
+finetune (task "paired"): `epochs` (trainer.max_steps follows from it), `init_from`, and
+    [data]       PairedDataConfig store, perturbations, split, perturbed cells per batch
+    [priors]     PriorsConfig     GEARS' co-expression and GO graphs
+    [model] [engine] [trainer] [tracking] as above, [report] ReportConfig (the evaluation)
 """
 
 from __future__ import annotations
@@ -14,13 +19,17 @@ import dataclasses
 
 from pertscale.config import Config, ConfigError
 from pertscale.data.loader import LoaderConfig
+from pertscale.data.paired import PairedDataConfig
+from pertscale.data.priors import PriorsConfig
 from pertscale.data.tokenizer import TokenizerConfig
+from pertscale.eval.config import ReportConfig
 from pertscale.models import ModelConfig, ScGPTConfig, get_spec
+from pertscale.models.gears import GEARSConfig
 from pertscale.tracking import TrackingConfig
 from pertscale.training.engine import EngineConfig
 from pertscale.training.trainer import TrainerConfig
 
-__all__ = ["PretrainJobConfig"]
+__all__ = ["JOB_KINDS", "FinetuneJobConfig", "PretrainJobConfig"]
 
 
 @dataclasses.dataclass
@@ -61,5 +70,52 @@ class PretrainJobConfig(Config):
             raise ConfigError(
                 f"tokenizer.condition_key={key!r} needs model.n_conditions > 0 "
                 "(the number of condition categories)")
-        if self.trainer.use_gpu is False and self.engine.backend == "nccl":
-            raise ConfigError("engine.backend='nccl' needs trainer.use_gpu=true; CPUs use gloo")
+        _check_engine(self)
+
+
+def _check_engine(job: PretrainJobConfig | FinetuneJobConfig) -> None:
+    if job.trainer.use_gpu is False and job.engine.backend == "nccl":
+        raise ConfigError("engine.backend='nccl' needs trainer.use_gpu=true; CPUs use gloo")
+
+
+@dataclasses.dataclass
+class FinetuneJobConfig(Config):
+    """Everything a `pertscale finetune` run needs: a model of the paired task trained on
+    perturbed cells paired with controls, registered, and evaluated beside the baselines."""
+
+    init_from: str = ""
+    """models:/NAME@ALIAS of a registered model whose gene embeddings initialise this one's
+    where genes match ("" = random)."""
+    epochs: int = 20
+    """Passes over the training perturbed cells (trainer.max_steps is set from it)."""
+    data: PairedDataConfig = dataclasses.field(default_factory=PairedDataConfig)
+    """The store, its perturbations, the split and the paired batches."""
+    priors: PriorsConfig = dataclasses.field(default_factory=PriorsConfig)
+    """Gene graphs (GEARS): co-expression from training cells, GO from a gene/term table."""
+    model: ModelConfig = dataclasses.field(default_factory=GEARSConfig)
+    """The model to fine-tune: `name` picks its spec and the section's fields."""
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    """The DeepSpeed engine."""
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    """The Ray Train run (max_steps is derived from epochs)."""
+    report: ReportConfig = dataclasses.field(default_factory=ReportConfig)
+    """The evaluation of the fine-tuned model beside the baselines."""
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    """MLflow tracking and registration."""
+
+    def __post_init__(self) -> None:
+        spec = get_spec(self.model.name)
+        if spec.task != "paired":
+            raise ConfigError(f"model.name={spec.name!r} is not fine-tuned on paired cells "
+                              f"(its task is {spec.task!r})")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs={self.epochs} must be >= 1")
+        if self.init_from and not self.init_from.startswith("models:/"):
+            raise ConfigError(f"init_from={self.init_from!r} must be a registry URI "
+                              f"models:/NAME@ALIAS or models:/NAME/VERSION")
+        _check_engine(self)
+
+
+# job kind (the "job" key of a config file) -> its config class, for the worker loop.
+JOB_KINDS: dict[str, type[Config]] = {"pretrain": PretrainJobConfig,
+                                      "finetune": FinetuneJobConfig}

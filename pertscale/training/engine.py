@@ -2,9 +2,12 @@
 with `deepspeed.initialize`, and the full fp32 weights gathered back from any ZeRO stage.
 
 The generated JSON holds ZeRO stage 0-3, fp32/bf16/fp16, gradient accumulation, clipping,
-AdamW and a warmup schedule (cosine: `WarmupCosineLR`, linear: `WarmupDecayLR`, constant:
-`WarmupLR`), and optional CPU offload of optimizer states (stage 1-3) and parameters
-(stage 3). Batch sizes are in cells: a packed micro-batch holds a varying number of tokens.
+AdamW (or Adam with L2 weight decay, as GEARS trains) and a warmup schedule (cosine:
+`WarmupCosineLR`, linear: `WarmupDecayLR`, constant: `WarmupLR`), and optional CPU offload of
+optimizer states (stage 1-3) and parameters (stage 3). The "step" schedule (multiply the rate
+by `lr_decay_factor` every `lr_decay_every` steps, no warmup: GEARS halves it every epoch) has
+no DeepSpeed type; it is torch's StepLR handed to `deepspeed.initialize`, whose checkpoints
+save and restore its state like any scheduler's. Batch sizes are in cells: a packed micro-batch holds a varying number of tokens.
 
 CPU runs use gloo with `DS_ACCELERATOR=cpu` (set in every worker's environment by the
 trainer); GPU runs use nccl. `deepspeed` is imported inside the functions that need it so
@@ -26,6 +29,7 @@ __all__ = [
     "EngineConfig",
     "build_ds_config",
     "build_engine",
+    "build_lr_scheduler",
     "full_state_dict",
     "resolve_backend",
 ]
@@ -35,7 +39,9 @@ LR_SCHEDULES: dict[str, str] = {
     "cosine": "WarmupCosineLR",
     "linear": "WarmupDecayLR",
     "constant": "WarmupLR",
+    "step": "",  # torch.optim.lr_scheduler.StepLR, passed to deepspeed.initialize
 }
+OPTIMIZERS = ("adamw", "adam")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OFFLOADS = ("none", "cpu")
 OPTIMIZER_IMPLS = ("auto", "torch", "deepspeed")
@@ -55,15 +61,23 @@ class EngineConfig(Config):
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables clipping."""
     lr: float = 1e-3
-    """Peak learning rate (AdamW)."""
+    """Peak learning rate."""
+    optimizer: str = "adamw"
+    """adamw (decoupled weight decay) or adam (L2 weight decay added to the gradient, as
+    torch.optim.Adam and GEARS)."""
     weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
+    """Weight decay (decoupled for adamw, L2 for adam)."""
     betas: tuple[float, float] = (0.9, 0.999)
     """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
     lr_schedule: str = "cosine"
-    """After linear warmup: cosine decay, linear decay or constant (see LR_SCHEDULES)."""
+    """After linear warmup: cosine decay, linear decay or constant; or "step" (no warmup: the
+    rate times lr_decay_factor every lr_decay_every steps) (see LR_SCHEDULES)."""
+    lr_decay_every: int = 0
+    """"step" schedule: optimizer steps between decays (0 in a fine-tune = one epoch)."""
+    lr_decay_factor: float = 0.5
+    """"step" schedule: the factor applied at each decay (GEARS: 0.5)."""
     warmup_steps: int = 100
     """Optimizer steps of linear warmup from 0 (capped below the run's total steps)."""
     min_lr_ratio: float = 0.01
@@ -96,7 +110,10 @@ class EngineConfig(Config):
             check_range(f"betas[{i}]", beta, 0.0, 1.0, hi_open=True)
         self.betas = tuple(float(b) for b in self.betas)
         check_range("eps", self.eps, 0.0, lo_open=True)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_range("lr_decay_every", self.lr_decay_every, 0)
+        check_range("lr_decay_factor", self.lr_decay_factor, 0.0, 1.0, lo_open=True)
         check_range("warmup_steps", self.warmup_steps, 0)
         check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
         check_choice("offload_optimizer", self.offload_optimizer, OFFLOADS)
@@ -158,6 +175,8 @@ def build_ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int
     optimizer_params: dict[str, Any] = {
         "lr": cfg.lr, "betas": list(cfg.betas), "eps": cfg.eps, "weight_decay": cfg.weight_decay,
     }
+    if cfg.optimizer == "adam":
+        optimizer_params["adam_w_mode"] = False
     if _use_torch_adam(cfg, use_gpu):
         optimizer_params["torch_adam"] = True
     ds: dict[str, Any] = {
@@ -165,8 +184,8 @@ def build_ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int
         "gradient_accumulation_steps": cfg.grad_accum_steps,
         "train_batch_size": micro_batch_size * cfg.grad_accum_steps * world_size,
         "gradient_clipping": cfg.grad_clip,
-        "optimizer": {"type": "AdamW", "params": optimizer_params},
-        "scheduler": {"type": LR_SCHEDULES[cfg.lr_schedule], "params": scheduler},
+        "optimizer": {"type": "AdamW" if cfg.optimizer == "adamw" else "Adam",
+                      "params": optimizer_params},
         "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": cfg.bucket_size,
                               "allgather_bucket_size": cfg.bucket_size},
         "bf16": {"enabled": cfg.precision == "bf16"},
@@ -175,6 +194,8 @@ def build_ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int
         "steps_per_print": 10**9,  # the loop logs; keep DeepSpeed's own step prints quiet
         "wall_clock_breakdown": False,
     }
+    if cfg.lr_schedule != "step":
+        ds["scheduler"] = {"type": LR_SCHEDULES[cfg.lr_schedule], "params": scheduler}
     zero = ds["zero_optimization"]
     if cfg.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": cfg.offload_optimizer, "pin_memory": use_gpu}
@@ -201,15 +222,33 @@ def model_init_context(ds_config: dict[str, Any]):
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any]):
+def build_lr_scheduler(cfg: EngineConfig):
+    """The scheduler factory `deepspeed.initialize` takes for the "step" schedule (None for the
+    others, which the DeepSpeed JSON names)."""
+    if cfg.lr_schedule != "step":
+        return None
+    if cfg.lr_decay_every < 1:
+        raise ConfigError("engine.lr_schedule = 'step' needs lr_decay_every >= 1 (optimizer "
+                          "steps between decays; a fine-tune sets it to one epoch when 0)")
+    every, factor = cfg.lr_decay_every, cfg.lr_decay_factor
+
+    def make(optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=every, gamma=factor)
+
+    return make
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_scheduler=None):
     """`deepspeed.initialize` on an already-initialised process group (Ray Train sets it up).
-    Returns the engine; optimizer and scheduler live inside it."""
+    Returns the engine; optimizer and scheduler live inside it (`lr_scheduler`: a factory
+    from `build_lr_scheduler`, for a schedule the JSON cannot name)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
         config=ds_config,
+        lr_scheduler=lr_scheduler,
         dist_init_required=False,
     )
     return engine

@@ -1,18 +1,26 @@
-"""The per-worker pretraining function that Ray Train runs on every rank.
+"""The per-worker training function that Ray Train runs on every rank, for every task.
 
 `train_loop_per_worker(config)` receives everything through its config dict (no module
-globals): the job config as a plain dict under "job" and the driver's run facts under "run"
-(tracking URI and MLflow run id, the progress board actor). It builds, for its rank, the loader,
-then everything else from the model's spec (`pertscale.models.MODELS[model.name]`): the input
-builder (`make_inputs`, e.g. scgpt's tokenizer) and the module (`build`) inside the DeepSpeed
-engine; restores the latest checkpoint when Ray hands one over, trains to `trainer.max_steps`
-optimizer steps and writes the final weights as the spec exports them.
+globals): the job config as a plain dict under "job" and its kind under "kind" ("pretrain" or
+"finetune"), the driver's run facts under "run" (tracking URI and MLflow run id, the progress
+board actor) and, for the paired task, the task context the driver computed once under
+"context" (genes, perturbation table, priors, validation targets). It builds, for its rank, the
+task's loader (cells: the CellLoader; paired: the PairedLoader), then everything else from the
+model's spec (`pertscale.models.MODELS[model.name]`): the input builder (`make_inputs`, e.g.
+scgpt's tokenizer) and the module (`build`) inside the DeepSpeed engine; restores the latest
+checkpoint when Ray hands one over, trains to `trainer.max_steps` optimizer steps and writes
+the final weights as the spec exports them.
+
+Validated tasks (paired, with validation conditions): at the end of every epoch the module
+predicts the validation conditions' mean change (`PairedValidation`); the best epoch by top-DE
+MSE (GEARS' rule) is kept (its weights in rank 0's checkpoint, its score in every rank's
+progress) and is what the final export holds.
 
 Logging: the model's `LossOutput.metrics` are per-batch averages (logged as their window mean),
 its `counts` per-batch totals (logged as window sums over all ranks); the loop never special-
 cases a metric name.
 
-Every rank draws the same number of batches per epoch (the loader guarantees it), so the ZeRO
+Every rank draws the same number of batches per epoch (the loaders guarantee it), so the ZeRO
 collectives never wait on a rank that ran dry. Only rank 0 talks to MLflow and the progress
 board; metrics are reduced over all ranks first.
 """
@@ -30,6 +38,7 @@ import torch
 
 from pertscale.constants import CELL_INDEX
 from pertscale.training.checkpoint import (
+    BEST_FILE,
     MODEL_DIR,
     Progress,
     capture_rng,
@@ -83,21 +92,53 @@ def _all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) ->
     return t.tolist()
 
 
+def _average_buffers(module: torch.nn.Module, world: int) -> None:
+    """Average the running statistics of every BatchNorm layer over ranks, in place.
+
+    Each rank's running statistics follow its own batches; validation and the export must see
+    one model, the same on every rank. Only normalisation statistics are touched: other buffers
+    (e.g. a graph's edge weights) are constants of the model."""
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm) and \
+                layer.track_running_stats:
+            for buf in (layer.running_mean, layer.running_var):
+                dist.all_reduce(buf.data)
+                buf.data.div_(world)
+
+
+def _task(job: Any, spec: Any, config: dict[str, Any], rank: int, world: int):
+    """(loader, context for build / make_inputs, validation or None) of this rank's task."""
+    if spec.task == "cells":
+        from pertscale.data.loader import build_loader
+
+        loader = build_loader(job.data, rank=rank, world_size=world)
+        return loader, loader.store.vocab.tokens, None
+    from pertscale.data.paired import PairedLoader, PairedValidation
+
+    context = config["context"]
+    loader = PairedLoader(job.data, context["train"]["conditions"], rank=rank, world_size=world)
+    return loader, context, PairedValidation(context) if context.get("val") else None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Pretrain on this rank; see the module docstring for what `config` holds."""
+    """Train on this rank; see the module docstring for what `config` holds."""
     import ray.train
 
-    from pertscale.data.loader import build_loader
     from pertscale.models import get_spec
-    from pertscale.training.config import PretrainJobConfig
+    from pertscale.training.config import JOB_KINDS
     from pertscale.training.engine import (
         build_ds_config,
         build_engine,
+        build_lr_scheduler,
         full_state_dict,
         model_init_context,
     )
 
-    job = PretrainJobConfig.from_dict(config["job"])
+    job = JOB_KINDS[config.get("kind", "pretrain")].from_dict(config["job"])
     run = config["run"]
     tr, eng = job.trainer, job.engine
     torch.set_num_threads(tr.torch_threads)
@@ -106,26 +147,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = (torch.device("cuda", torch.cuda.current_device()) if tr.use_gpu
               else torch.device("cpu"))
 
-    loader = build_loader(job.data, rank=rank, world_size=world)
-    if loader.num_batches == 0:
-        raise ValueError(f"store {job.data.store_uri} has {loader.store.n_cells} cells: too few "
-                         f"for one batch of data.batch_size={job.data.batch_size} cells on each "
-                         f"of {world} workers")
-    vocab = loader.store.vocab
     spec = get_spec(job.model.name)
-    make_inputs = spec.make_inputs(job, vocab.tokens)
+    loader, context, validate = _task(job, spec, config, rank, world)
+    if loader.num_batches == 0:
+        raise ValueError(f"store {job.data.store_uri} has too few {spec.task} cells for one "
+                         f"batch of data.batch_size={job.data.batch_size} on each of {world} "
+                         f"workers")
+    make_inputs = spec.make_inputs(job, context)
     ds_config = build_ds_config(eng, micro_batch_size=job.data.batch_size, world_size=world,
                                 total_steps=tr.max_steps, use_gpu=tr.use_gpu)
     torch.manual_seed(tr.seed)  # identical initial weights on every rank
     # Under ZeRO-3 the model is built inside deepspeed.zero.Init: each weight is partitioned
     # as soon as its module exists, so no rank ever holds the whole model.
     with model_init_context(ds_config):
-        model = spec.build(job.model, vocab.tokens)
-    engine = build_engine(model, ds_config)
+        model = spec.build(job.model, context)
+    engine = build_engine(model, ds_config, lr_scheduler=build_lr_scheduler(eng))
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in engine.module.parameters())
     generator = _seed_rank(tr.seed, rank)
     progress = Progress()
+    best_weights: dict[str, torch.Tensor] | None = None
 
     restored = ray.train.get_checkpoint()
     resumed_from = None
@@ -134,6 +175,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             read_meta(Path(ckpt_dir), world_size=world, zero_stage=eng.zero_stage)
             loader_state, rng_state, progress = load_rank_state(Path(ckpt_dir), rank,
                                                                 engine=engine)
+            if rank == 0 and (Path(ckpt_dir) / BEST_FILE).is_file():
+                from safetensors.torch import load_file
+
+                best_weights = load_file(str(Path(ckpt_dir) / BEST_FILE))
         loader.load_state_dict(loader_state)
         resumed_from = progress.step
         restore_rng(rng_state, generator)
@@ -156,10 +201,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fail_here = tr.fail_at_step >= 0 and rank == world - 1
 
     def checkpoint(final: bool) -> None:
+        # NOTE: DeepSpeed saves rank 0's module buffers only; averaged first, every rank resumes
+        # with the buffers it would have had (and the uninterrupted run averages here too).
+        _average_buffers(engine.module, world)
         with tempfile.TemporaryDirectory(prefix=f"pertscale-ckpt-r{rank}-") as tmp:
             out = Path(tmp)
             save_rank_state(out, rank, engine=engine, loader_state=loader.state_dict(),
                             rng_state=capture_rng(generator), progress=progress)
+            if rank == 0 and best_weights is not None:
+                from safetensors.torch import save_file
+
+                save_file(best_weights, str(out / BEST_FILE))
             if final:
                 weights = full_state_dict(engine)  # collective under ZeRO-3
                 if rank == 0:
@@ -168,9 +220,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     var = loader.store.var
                     symbols = (var["gene_symbol"].astype(str).tolist()
                                if "gene_symbol" in var.columns else None)
+                    training = {"final_step": progress.step}
+                    if best_weights is not None:
+                        weights = best_weights
+                        training.update(best_step=progress.best_step,
+                                        best_val_mse_de=progress.best_score)
                     save_model_dir(out / MODEL_DIR, spec.export(
                         job.model, weights,
-                        {"job": job.to_dict(), "vocab": vocab.tokens, "gene_symbols": symbols}))
+                        {"job": job.to_dict(), "vocab": list(context) if spec.task == "cells"
+                         else None, "gene_symbols": symbols, "context": context,
+                         "training": training}))
             if rank == 0:
                 write_meta(out, {"step": progress.step, "world_size": world,
                                  "zero_stage": eng.zero_stage, "final": final,
@@ -182,10 +241,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"checkpoint_{progress.step:08d}"
                              + ("_final" if final else ""))
 
+    def end_of_epoch() -> None:
+        """Validate (every rank: under ZeRO-3 the forward is collective) and keep the best."""
+        nonlocal best_weights, epoch_t0
+        train_s = time.perf_counter() - epoch_t0  # the epoch's batches, before validation
+        _average_buffers(engine.module, world)
+        scores = validate(engine.module, device)
+        # NOTE: the decision below starts a collective, so every rank must take the same one:
+        # the score is averaged over ranks (identical models give identical scores anyway).
+        scores = dict(zip(scores, (v / world for v in _all_reduce_sum(list(scores.values()),
+                                                                      device))))
+        improved = progress.best_score is None or scores["val_mse_de"] < progress.best_score
+        if improved:
+            progress.best_score, progress.best_step = scores["val_mse_de"], progress.step
+            weights = full_state_dict(engine)  # collective under ZeRO-3
+            if rank == 0:
+                best_weights = weights
+        if logger is not None:
+            logger.log_metrics({**scores, "best_val_mse_de": progress.best_score,
+                                "epoch": float(loader.epoch), "epoch_train_s": train_s},
+                               step=progress.step)
+        epoch_t0 = time.perf_counter()
+
     def fresh_window() -> dict[str, float]:
         return {"loss": 0.0, "micro": 0, "cells": 0, "tokens": 0, "t0": time.perf_counter()}
 
     window, metric_sums, count_sums = fresh_window(), {}, {}
+    epoch_t0 = time.perf_counter()
     engine.train()
     while progress.step < tr.max_steps:
         for batch in loader:
@@ -199,6 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(out.loss)
             engine.step()
             progress.consume(batch[CELL_INDEX], n_tokens)
+            epoch_done = validate is not None and loader.at_epoch_end
             # NOTE: summed on the device in float64; read back once per log window, so a step
             # never waits for the GPU just to record its loss.
             window["loss"] = window["loss"] + out.loss.detach().double()
@@ -209,6 +292,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for name, value in terms.items():  # the model's own terms, e.g. mlm_mse
                     sums[name] = sums.get(name, 0.0) + value.detach().double()
             if progress.micro_step % eng.grad_accum_steps != 0:
+                if epoch_done:
+                    end_of_epoch()
                 continue  # inside an accumulation window: DeepSpeed stepped no optimizer
             progress.step += 1
             if progress.step % tr.log_every == 0 or progress.step == tr.max_steps:
@@ -232,6 +317,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0 and board is not None:
                     board.post.remote(progress.step, metrics)
                 window, metric_sums, count_sums = fresh_window(), {}, {}
+            if epoch_done:
+                end_of_epoch()
             if progress.step >= tr.max_steps:
                 break
             if progress.step % tr.checkpoint_every == 0:

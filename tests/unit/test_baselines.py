@@ -27,7 +27,9 @@ def make_data(labels_by_cov: dict[str, list[str]], seed=0) -> PerturbationData:
     genes = [f"G{i}" for i in range(N_GENES)]
     return PerturbationData(genes=genes, symbols=genes, conditions=table, perturbations=perts,
                             mean_XG=mean, var_XG=np.ones_like(mean),
-                            de_idx={c: np.arange(5) for c in table.index[~table["is_control"]]})
+                            de_idx={c: np.arange(5) for c in table.index[~table["is_control"]]},
+                            de_nd_idx={c: np.arange(1, 6)
+                                       for c in table.index[~table["is_control"]]})
 
 
 @pytest.fixture

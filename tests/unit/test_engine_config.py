@@ -77,7 +77,7 @@ def test_offload_blocks_and_optimizer_kernel():
     ({"lr": 0.0}, "lr=0.0 is outside"),
     ({"betas": (0.9, 1.0)}, r"betas\[1\]=1.0 is outside"),
     ({"grad_accum_steps": 0}, "grad_accum_steps=0 is outside"),
-    ({"lr_schedule": "step"}, "lr_schedule='step' is not one of"),
+    ({"lr_schedule": "stepwise"}, "lr_schedule='stepwise' is not one of"),
 ])
 def test_bad_engine_settings_name_the_field(kw, match):
     with pytest.raises(ConfigError, match=match):

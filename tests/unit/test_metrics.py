@@ -62,12 +62,15 @@ def test_r2_mean_by_hand():
     assert np.isnan(r2_mean(PRED, CTRL))
 
 
-def test_perturbation_metrics_names_and_de_subset():
-    out = perturbation_metrics(PRED, TRUE, CTRL, np.array([0, 1]))
+def test_perturbation_metrics_names_and_de_subsets():
+    out = perturbation_metrics(PRED, TRUE, CTRL, np.array([0, 1]), np.array([2, 3]))
     assert tuple(out) == METRIC_NAMES
     assert out["mse_de"] == pytest.approx(0.25)
     assert out["pearson_delta_de"] == pytest.approx(1.0)
     assert out["mse"] == pytest.approx(0.625)
+    # non-dropout DE genes 2, 3: errors 1 and 1; deltas (1, 1) vs (0, 2): Pearson undefined
+    assert out["mse_de_nd"] == pytest.approx(1.0)
+    assert np.isnan(out["pearson_delta_de_nd"])
 
 
 @pytest.mark.parametrize("bad", [np.zeros(3), np.zeros((4, 1))])

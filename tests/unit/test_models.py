@@ -38,7 +38,8 @@ def simulated(tmp_path_factory):
     pcfg = PerturbationConfig(covariate_column="cell_type", sign_column="perturbation_type",
                               sign_values={"control": 1, "activation": 1, "inhibition": -1})
     data = load_perturbation_data(store, pcfg)
-    return {"store": str(out / "store"), "data": data, "split": simulation_split(data, seed=1),
+    return {"store": str(out / "store"), "files": out / "files", "pcfg": pcfg,
+            "data": data, "split": simulation_split(data, seed=1),
             "embeddings": load_embeddings(out / "files" / "gene_embeddings.npz")}
 
 
@@ -64,6 +65,34 @@ def _cells_step(spec, job, simulated):
     return module, inputs, out, context
 
 
+def _paired_step(spec, job, simulated, tmp_path):
+    """One optimizer step of a "paired" model on a paired batch."""
+    from pertscale.data.paired import PairedLoader, PairedTask, build_paired_context
+    from pertscale.store import open_store
+
+    job = job.replace(data=job.data.replace(store_uri=simulated["store"], batch_size=16,
+                                            perturbation=simulated["pcfg"]),
+                      priors=job.priors.replace(
+                          go_path=str(simulated["files"] / "go_annotations.tsv"),
+                          cache_dir=str(tmp_path / "cache")))
+    task = PairedTask(open_store(simulated["store"]), simulated["data"], simulated["split"],
+                      job.data)
+    extra = dict(spec.prepare(job, task))
+    extra.pop("report", None)
+    context = build_paired_context(task, extra.pop("pert_genes"), extra)
+    loader = PairedLoader(job.data, context["train"]["conditions"])
+    torch.manual_seed(0)
+    module = spec.build(job.model, context)
+    inputs = spec.make_inputs(job, context)(next(iter(loader)))
+    opt = torch.optim.Adam(module.parameters(), lr=1e-3)
+    out = module(inputs)
+    out.loss.backward()
+    unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"parameters outside the loss: {unused}"
+    opt.step()
+    return module, inputs, out, {"job": job.to_dict(), "context": context, "training": {}}
+
+
 def _predictions(spec, predictor, simulated):
     """What the predictor returns on simulated inputs of its kind."""
     data, split = simulated["data"], simulated["split"]
@@ -87,7 +116,9 @@ def test_every_spec_steps_or_fits_exports_and_reloads(name, simulated, tmp_path)
     job = load_config(REPO / spec.debug_config)
     assert job.model.name == name and isinstance(job.model, spec.config_cls)
     if spec.trained:
-        module, _, out, context = _cells_step(spec, job, simulated)
+        step = _cells_step if spec.task == "cells" else _paired_step
+        args = (tmp_path,) if spec.task == "paired" else ()
+        module, _, out, context = step(spec, job, simulated, *args)
         assert isinstance(out, LossOutput) and torch.isfinite(out.loss)
         for value in (*out.metrics.values(), *out.counts.values()):
             assert not value.requires_grad

@@ -98,6 +98,20 @@ def test_top_de_genes_match_scanpy_rank_genes_groups(store):
         assert data.de_idx[ours].tolist() == expected
 
 
+def test_non_dropout_de_genes_follow_gears(store):
+    """GEARS' top_non_dropout_de_20: the DE ranking restricted to genes with a nonzero mean in
+    the condition, or a zero mean in both condition and control."""
+    src, _ = store
+    full = load_perturbation_data(src, PerturbationConfig(n_de_genes=30))
+    data = load_perturbation_data(src, PerturbationConfig(n_de_genes=5))
+    for cond in data.perturbed:
+        mean, ctrl = data.mean(cond), data.ctrl_mean(cond)
+        keep = [g for g in full.de_idx[cond] if mean[g] != 0 or ctrl[g] == 0][:5]
+        assert data.de_nd_idx[cond].tolist() == keep
+    # the store has dropout genes, so the restriction changes some lists
+    assert any(not np.array_equal(data.de_idx[c], data.de_nd_idx[c]) for c in data.perturbed)
+
+
 def test_filter_covariate_and_sign_columns(tmp_path):
     x = _counts()[:118]
     obs = pd.DataFrame({"perturbation": LABELS[:118],

@@ -1,0 +1,203 @@
+"""`pertscale finetune`: the driver of a fine-tune on the paired task.
+
+    pertscale finetune --config configs/gears.toml [--address auto] [--alias NAME]
+                       [--no-progress] [--section.field=value ...]
+
+The driver opens the store, reads its pseudo-bulk perturbation data and the split, asks the
+model's spec to prepare its context (GEARS: the perturbation table and the gene graphs, cached
+by content hash), initialises gene embeddings from a registered model when `init_from` is set
+(where gene symbols match; the count is reported and tagged), sets trainer.max_steps from
+`epochs` (and the "step" schedule's period to one epoch), and trains on the Ray cluster with the
+same engine, checkpoints, exact resume and MLflow logging as pretraining. The final export holds
+the best epoch's weights (validation top-DE MSE). It then reports the model beside the baselines
+on every test subgroup, in the same MLflow run, and registers it as `pertscale-<model>` with
+lineage tags and the evaluation summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pertscale.config import ConfigError, load_config
+from pertscale.tracking.commands import add_alias_argument, with_aliases
+from pertscale.training.checkpoint import MODEL_DIR
+from pertscale.training.commands import absolute_uri, launch_training
+from pertscale.training.config import FinetuneJobConfig
+
+__all__ = ["FinetuneResult", "finetune_main", "gene_init", "run_finetune"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    """What a finished fine-tune left behind."""
+
+    run_name: str
+    checkpoint_dir: str
+    model_uri: str | None
+    report_path: Path
+    table: str
+    summary: Any
+    mlflow_run_id: str | None
+    training: dict[str, Any]
+    """The export's training facts: final_step, best_step, best_val_mse_de."""
+    init: dict[str, str]
+    """Lineage of the gene-embedding initialisation (empty without init_from)."""
+
+
+def gene_init(table_genes: list[str], table_ND: np.ndarray, symbols: list[str], genes: list[str],
+              hidden: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(init [G, hidden], mask [G], matched): a gene table's rows for the readout genes (matched
+    by symbol, else by gene id), projected on its top `hidden` principal axes when wider and
+    scaled to unit norm (the embeddings' norm cap); a table narrower than `hidden` is an error."""
+    table_ND = np.asarray(table_ND, dtype=np.float64)
+    if table_ND.shape[1] < hidden:
+        raise ValueError(f"the gene table has {table_ND.shape[1]} dimensions, fewer than "
+                         f"model.hidden={hidden}: set model.hidden <= {table_ND.shape[1]}")
+    if table_ND.shape[1] > hidden:
+        centred = table_ND - table_ND.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        table_ND = centred @ vt[:hidden].T
+    index = {g: i for i, g in enumerate(table_genes)}
+    rows = np.array([index.get(s, index.get(g, -1)) for s, g in zip(symbols, genes)])
+    mask = rows >= 0
+    init = np.zeros((len(genes), hidden), dtype=np.float32)
+    chosen = table_ND[rows[mask]]
+    init[mask] = chosen / np.maximum(np.linalg.norm(chosen, axis=1, keepdims=True), 1e-12)
+    return init, mask, int(mask.sum())
+
+
+def _init_from(job: FinetuneJobConfig, data: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    if not job.init_from:
+        return {}, {}
+    from pertscale.models import get_spec
+    from pertscale.tracking import pull_model
+
+    parent = pull_model(job.init_from, tracking=job.tracking)
+    spec = get_spec(parent.kind)
+    if spec.gene_table is None:
+        raise ValueError(f"init_from={job.init_from}: a {parent.kind} model has no gene "
+                         f"embeddings to initialise from")
+    names, table = spec.gene_table(parent.exported)
+    init, mask, matched = gene_init(list(names), table, data.symbols, data.genes,
+                                    job.model.hidden)
+    if matched == 0:
+        raise ValueError(f"init_from={job.init_from}: none of the store's {len(data.genes)} "
+                         f"genes is in its gene table of {len(names)} genes")
+    log.info("init_from %s: %d of %d genes matched", job.init_from, matched, len(data.genes))
+    return ({"gene_init": init, "gene_init_mask": mask},
+            {"init_from": job.init_from,
+             "init_from_version": f"models:/{parent.name}/{parent.version}",
+             "init_genes_matched": f"{matched}/{len(data.genes)}"})
+
+
+def _plan(job: FinetuneJobConfig, task: Any) -> FinetuneJobConfig:
+    """trainer.max_steps from epochs, and the step schedule's period of one epoch."""
+    n_train = int(task.data.conditions.loc[task.split.train, "n_cells"].sum())
+    world, bs = job.trainer.num_workers, job.data.batch_size
+    steps_per_epoch = n_train // world // bs // job.engine.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"store {job.data.store_uri}: {n_train} training perturbed cells are "
+                         f"too few for one step of data.batch_size={bs} x trainer.num_workers="
+                         f"{world} x engine.grad_accum_steps={job.engine.grad_accum_steps}")
+    engine = job.engine
+    if engine.lr_schedule == "step" and engine.lr_decay_every == 0:
+        engine = engine.replace(lr_decay_every=steps_per_epoch)
+    return job.replace(trainer=job.trainer.replace(max_steps=job.epochs * steps_per_epoch),
+                       engine=engine)
+
+
+def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
+                 show_progress: bool = True) -> FinetuneResult:
+    """Fine-tune, evaluate and register (see the module docstring)."""
+    from pertscale.data.paired import PairedTask, build_paired_context
+    from pertscale.eval.commands import ModelPredictor, eval_summary
+    from pertscale.eval.evaluation import build_baselines, make_report, run_predictors
+    from pertscale.models import get_spec
+    from pertscale.store import open_store
+    from pertscale.tracking import log_model
+    from pertscale.tracking.registry import load_model_dir
+
+    spec = get_spec(job.model.name)
+    if not job.data.store_uri:
+        raise ConfigError("data.store_uri is empty: pass --data.store_uri=PATH_OR_URI")
+    job = job.replace(data=job.data.replace(store_uri=absolute_uri(job.data.store_uri)))
+    from pertscale.data.perturbation import load_perturbation_data
+    from pertscale.data.splits import build_split
+
+    src = open_store(job.data.store_uri)
+    data = load_perturbation_data(src, job.data.perturbation)
+    split = build_split(data, job.data.split)
+    task = PairedTask(src, data, split, job.data)
+    extra = dict(spec.prepare(job, task))
+    prepared = extra.pop("report", {})
+    init, init_tags = _init_from(job, data)
+    context = build_paired_context(task, extra.pop("pert_genes"), {**extra, **init})
+    job = _plan(job, task)
+    lineage = {"store_fingerprint": data.source["fingerprint"], "store_uri": data.source["uri"],
+               "split": split.name, **init_tags}
+    launched = launch_training(job, kind="finetune", context=context, address=address,
+                               show_progress=show_progress, tags=lineage)
+    logger = launched.logger
+    try:
+        exported = load_model_dir(launched.checkpoint_dir / MODEL_DIR)
+        predictors = [(ModelPredictor(spec.name, spec.load(exported), data), False)]
+        predictors += [(b, True) for b in build_baselines(job.report, None)]
+        predictions = run_predictors(predictors, data, split)
+        training = dict(exported.config.get("training") or {})
+        meta = {spec.name: {**training, "epochs": job.epochs, **init_tags}, "prepared": prepared}
+        if logger is not None:
+            logger.log_params({f"prepared.{k}": v for k, v in prepared.items()})
+        report = make_report(job.report, run_name=launched.run_name, data=data, split=split,
+                             predictions=predictions, meta=meta, logger=logger)
+        model_uri = None
+        if logger is not None:
+            model_uri = log_model(
+                logger, exported,
+                {**lineage, "task": "finetune", "ray_run": launched.run_name,
+                 "checkpoint": str(launched.checkpoint_dir),
+                 "eval_summary": eval_summary(report, spec.name)},
+                aliases=job.tracking.aliases, register=job.tracking.register)
+    except BaseException:
+        if logger is not None:
+            logger.end("FAILED")
+        raise
+    if logger is not None:
+        logger.end("FINISHED")
+    return FinetuneResult(run_name=launched.run_name,
+                          checkpoint_dir=str(launched.checkpoint_dir), model_uri=model_uri,
+                          report_path=report.report_path, table=report.table,
+                          summary=report.summary, mlflow_run_id=launched.run_id,
+                          training=training, init=init_tags)
+
+
+def finetune_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="pertscale finetune",
+        description="Fine-tune a perturbation model on perturbed cells paired with controls "
+                    "(DeepSpeed ZeRO on Ray Train), register it and report it beside the "
+                    "baselines; any other --section.field=value argument overrides the config.")
+    parser.add_argument("--config", required=True, help='job config file (job = "finetune")')
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (auto, ray://host:10001, host:6379); "
+                             "default: start an embedded local cluster")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_alias_argument(parser)
+    args, overrides = parser.parse_known_args(argv)
+    job = with_aliases(load_config(args.config, overrides, job="finetune"), args.alias)
+    result = run_finetune(job, address=args.address, show_progress=not args.no_progress)
+    print(result.table)
+    print(f"\nreport: {result.report_path}")
+    print(json.dumps({"run_name": result.run_name, "checkpoint": result.checkpoint_dir,
+                      "training": result.training, "init": result.init,
+                      "mlflow_run_id": result.mlflow_run_id, "model_uri": result.model_uri},
+                     indent=2))
+    return 0
