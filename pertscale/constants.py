@@ -30,6 +30,7 @@ Perturbation-model inputs (torch tensors built from a paired batch; K = genes pe
     PERT_SIGNS     float32[B, K]  direction of each perturbed gene: +1 / -1 (0 = padding)
     LOSS_GENES     bool   [B, G]  genes the loss counts for this cell's perturbation
     CONTROL_MEAN   float32[B, G]  mean control expression of the cell's covariate
+    DELTA_SIGN     float32[B, G]  sign of the cell's condition's mean change (pseudo-bulk)
 """
 
 CELL_INDEX = "cell_index"
@@ -55,6 +56,7 @@ PERT_GENES = "pert_genes"
 PERT_SIGNS = "pert_signs"
 LOSS_GENES = "loss_genes"
 CONTROL_MEAN = "control_mean"
+DELTA_SIGN = "delta_sign"
 
 # Special tokens of every gene vocabulary, in this order, before the genes.
 PAD_TOKEN = "<pad>"

@@ -1,7 +1,7 @@
 """`pertscale predict`: predicted expression of perturbations from a registered model.
 
     pertscale predict --model models:/pertscale-genepert@champion --perturbations "A+B,C,-D" \
-        --control STORE [--covariate-column cell_type] --out predicted.h5ad   (or FILE.csv)
+        --control STORE [--covariate-column cell_type] [--cells N] --out predicted.h5ad (or .csv)
 
 The model (any spec that predicts mean changes) is pulled and verified; each perturbation label
 is parsed as in the data ("+" joins genes, a leading "-" marks an inhibited gene) and a gene the
@@ -11,6 +11,10 @@ expression, per value of `--covariate-column` when given (one prediction per per
 covariate), else pooled. Prediction = control mean + predicted change, over the model's readout
 genes. The .h5ad has obs = perturbation (and covariate), var = genes (with symbols when the store
 has them), X = predicted mean expression; `uns["pertscale"]` records the model and the store.
+
+`--cells N` predicts cells instead of means, as GEARS does: N control cells of each covariate
+value, drawn with a generator seeded by `--seed`, each plus the predicted change of each
+perturbation (obs `control_cell` names the store row of the cell it started from).
 """
 
 from __future__ import annotations
@@ -40,10 +44,30 @@ def _control_means(store_uri: str, cfg: PerturbationConfig):
     return ctrl["covariate"].astype(str).tolist(), means, data.genes, data.symbols
 
 
+def _control_cells(store_uri: str, cfg: PerturbationConfig, covariates: list[str], n: int,
+                   seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(store rows [n], log1p-normalised expression [n, G]) of n control cells per covariate."""
+    from pertscale.data.paired import read_dense_rows
+    from pertscale.data.perturbation import _group_cells
+    from pertscale.store import open_store
+
+    src = open_store(store_uri)
+    codes, table, _, _ = _group_cells(src.obs, cfg, src.uri)
+    rng = np.random.default_rng(seed)
+    out = []
+    for cov in covariates:
+        ctrl = table.index[table["is_control"] & (table["covariate"] == cov)][0]
+        pool = np.flatnonzero(codes == table.index.get_loc(ctrl))
+        rows = np.sort(rng.choice(pool, size=min(n, pool.size), replace=False))
+        out.append((rows, read_dense_rows(src, rows, log_normalise=bool(src.raw_counts),
+                                          target_sum=cfg.target_sum)))
+    return out
+
+
 def predict_table(model_uri: str, labels: list[str], control_uri: str, *,
                   covariate_column: str = "", perturbation_column: str = "perturbation",
                   control_labels: tuple[str, ...] = ("ctrl", "control"),
-                  tracking_uri: str = ""):
+                  tracking_uri: str = "", cells: int = 0, seed: int = 0):
     """The predictions as an AnnData (see the module docstring)."""
     import anndata as ad
 
@@ -81,18 +105,28 @@ def predict_table(model_uri: str, labels: list[str], control_uri: str, *,
                          f"e.g. {absent[:5]}")
     cols = np.array([position[g] for g in predictor.genes])
     rows, blocks = [], []
-    for cov, ctrl_G in zip(covariates, ctrl_CG):
+    controls = _control_cells(control_uri, cfg, covariates, cells, seed) if cells else None
+    for k, (cov, ctrl_G) in enumerate(zip(covariates, ctrl_CG)):
         delta_PG = np.asarray(predictor.predict_delta(perts, [cov] * len(perts)))
-        blocks.append(ctrl_G[cols][None, :] + delta_PG)
-        rows += [{"perturbation": p.name, **({covariate_column: cov} if covariate_column else {})}
-                 for p in perts]
+        where = {covariate_column: cov} if covariate_column else {}
+        if controls is None:
+            blocks.append(ctrl_G[cols][None, :] + delta_PG)
+            rows += [{"perturbation": p.name, **where} for p in perts]
+            continue
+        cell_rows, x_NG = controls[k]
+        for p, delta_G in zip(perts, delta_PG):
+            blocks.append(x_NG[:, cols] + delta_G[None, :])
+            rows += [{"perturbation": p.name, **where, "control_cell": int(r)} for r in cell_rows]
     obs = pd.DataFrame(rows)
-    obs.index = [f"{r['perturbation']}|{r.get(covariate_column, 'all')}" for r in rows]
+    obs.index = [f"{r['perturbation']}|{r.get(covariate_column, 'all')}"
+                 + (f"|{r['control_cell']}" if "control_cell" in r else "") for r in rows]
     var = pd.DataFrame({"gene_symbol": [symbols[position[g]] for g in predictor.genes]},
                        index=pd.Index(predictor.genes, name="gene_id"))
     uns = {"pertscale": {"model_uri": model_uri, "model_version": f"models:/{pulled.name}/"
                          f"{pulled.version}", "control_store": control_uri,
-                         "values": "mean log1p-normalised expression (control mean + change)"}}
+                         "values": ("log1p-normalised expression (control cell + change)" if cells
+                                    else "mean log1p-normalised expression (control mean + "
+                                         "change)")}}
     return ad.AnnData(X=np.vstack(blocks).astype(np.float32), obs=obs, var=var, uns=uns)
 
 
@@ -110,9 +144,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--perturbation-column", default="perturbation")
     parser.add_argument("--control-labels", default="ctrl,control",
                         help="comma-separated labels of control cells")
+    parser.add_argument("--cells", type=int, default=0,
+                        help="predict N cells per perturbation and covariate (control cells + "
+                             "change) instead of means")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn control cells")
     parser.add_argument("--tracking-uri", default="",
                         help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or storage/mlflow)")
     args = parser.parse_args(argv)
+    if args.cells < 0:
+        raise ValueError(f"--cells {args.cells} must be >= 0 (0 = predicted means)")
     out = Path(args.out)
     if out.suffix not in (".h5ad", ".csv"):
         raise ValueError(f"--out {out} must end in .h5ad or .csv")
@@ -123,7 +163,7 @@ def main(argv: list[str]) -> int:
                           covariate_column=args.covariate_column,
                           perturbation_column=args.perturbation_column,
                           control_labels=tuple(s.strip() for s in args.control_labels.split(",")),
-                          tracking_uri=args.tracking_uri)
+                          tracking_uri=args.tracking_uri, cells=args.cells, seed=args.seed)
     if out.suffix == ".h5ad":
         adata.write_h5ad(out)
     else:

@@ -8,6 +8,7 @@ BENCHES: dict[str, str] = {
     "ingest": "pertscale.bench.ingest:main",
     "loader": "pertscale.bench.loader:main",
     "train": "pertscale.bench.train:main",
+    "gears": "pertscale.bench.finetune:main",
 }
 
 

@@ -38,6 +38,7 @@ from pertscale.constants import (
     CONDITION,
     CONTROL_INDEX,
     CONTROL_MEAN,
+    DELTA_SIGN,
     LOSS_GENES,
     PERT_GENES,
     PERT_SIGNS,
@@ -254,7 +255,7 @@ def build_paired_context(task: PairedTask, pert_genes: list[str],
 
     Training conditions get their perturbed genes as rows of `pert_genes` (the model's
     perturbation table), the genes their loss counts (GEARS: genes with a nonzero mean in the
-    condition) and their covariate's control mean; validation conditions their true mean change
+    condition), the sign of their mean change and their covariate's control mean; validation conditions their true mean change
     and top DE genes. `extra` (a model's priors) is merged in."""
     data, split = task.data, task.split
     index = {g: i for i, g in enumerate(pert_genes)}
@@ -278,6 +279,7 @@ def build_paired_context(task: PairedTask, pert_genes: list[str],
 
     train = conditions(split.train)
     train["loss_genes"] = np.stack([data.mean(c) != 0 for c in split.train])
+    train["delta_sign"] = np.stack([np.sign(data.delta(c)) for c in split.train]).astype(np.int8)
     context: dict[str, Any] = {
         "genes": list(data.genes), "symbols": list(data.symbols),
         "pert_genes": list(pert_genes), "covariates": covariates,
@@ -300,6 +302,7 @@ class PairedInputs:
         self.pert_genes = torch.as_tensor(train["pert_genes"])
         self.pert_signs = torch.as_tensor(train["pert_signs"])
         self.loss_genes = torch.as_tensor(train["loss_genes"])
+        self.delta_sign = torch.as_tensor(train["delta_sign"])
         self.covariate = torch.as_tensor(train["covariate"])
         self.control_mean = torch.as_tensor(context["control_mean"])
 
@@ -310,7 +313,8 @@ class PairedInputs:
                 CONDITION: cond,
                 PERT_GENES: self.pert_genes[cond], PERT_SIGNS: self.pert_signs[cond],
                 LOSS_GENES: self.loss_genes[cond],
-                CONTROL_MEAN: self.control_mean[self.covariate[cond]]}
+                CONTROL_MEAN: self.control_mean[self.covariate[cond]],
+                DELTA_SIGN: self.delta_sign[cond].float()}
 
 
 class PairedValidation:

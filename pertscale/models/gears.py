@@ -12,9 +12,12 @@ controls (Roohani et al. 2023; the reference is snap-stanford/GEARS gears/model.
 The graphs and gene embeddings are computed once per forward and broadcast over the batch;
 no graph is ever copied per cell. Loss per perturbation in the batch, over the genes GEARS keeps
 (LOSS_GENES), then averaged over perturbations: autofocus |y - y_hat|^(2 + gamma), plus
-lambda x a direction term with a gradient, (sign(y - ctrl) - tanh(k (y_hat - ctrl)))^2 (the
-reference's sign(y_hat - ctrl) has zero gradient everywhere), plus, with the uncertainty head,
-a Gaussian negative log-likelihood 0.5 (log s^2 + (y - y_hat)^2 / s^2) (the reference omits the
+lambda x a direction term with a gradient (the reference's sign(y_hat - ctrl) has zero gradient
+everywhere): `direction = "mean"` (default) (sign(mean change of the condition) -
+tanh(k delta))^2, the predicted change against the sign of the condition's pseudo-bulk change;
+`"cell"` the reference's per-cell form with a smooth sign, (sign(y - ctrl) - tanh(k (y_hat -
+ctrl)))^2, whose target and prediction both carry each cell's noise; plus, with the uncertainty
+head, a Gaussian negative log-likelihood 0.5 (log s^2 + (y - y_hat)^2 / s^2) (the reference omits the
 log-variance term, which lets s^2 grow without bound).
 
 NOTE: the reference embeds with nn.Embedding(max_norm=True), which renormalises rows in place
@@ -35,10 +38,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pertscale.config import check_range
+from pertscale.config import check_choice, check_range
 from pertscale.constants import (
     CONDITION,
     CONTROL_MEAN,
+    DELTA_SIGN,
     LOSS_GENES,
     PERT_GENES,
     PERT_SIGNS,
@@ -47,6 +51,8 @@ from pertscale.constants import (
 )
 from pertscale.models.output import LossOutput
 from pertscale.models.spec import Exported, ModelConfig, ModelSpec, encode_perturbations
+
+DIRECTIONS = ("mean", "cell")
 
 __all__ = ["GEARS", "SPEC", "GEARSConfig", "GearsPredictor", "build_gears"]
 
@@ -62,7 +68,8 @@ class GEARSConfig(ModelConfig):
     pos_weight: float = 0.2  # weight of the co-expression GNN's embedding added to each gene's
     gamma: float = 2.0  # autofocus exponent: |y - y_hat|^(2 + gamma)
     direction_lambda: float = 0.1  # weight of the direction term
-    direction_sharpness: float = 10.0  # k of tanh(k (y_hat - ctrl)), the smooth sign
+    direction: str = "mean"  # direction target: "mean" (sign of the condition's mean change vs tanh(k delta)) or "cell" (the reference's sign(y - ctrl) vs tanh(k (y_hat - ctrl)))
+    direction_sharpness: float = 10.0  # k of the smooth sign tanh(k x)
     uncertainty: bool = False  # add the log-variance head and its Gaussian NLL
     uncertainty_reg: float = 1.0  # weight of the Gaussian NLL
 
@@ -75,6 +82,7 @@ class GEARSConfig(ModelConfig):
         check_range("gamma", self.gamma, 0.0)
         check_range("direction_lambda", self.direction_lambda, 0.0)
         check_range("direction_sharpness", self.direction_sharpness, 0.0, lo_open=True)
+        check_choice("direction", self.direction, DIRECTIONS)
         check_range("uncertainty_reg", self.uncertainty_reg, 0.0)
 
 
@@ -94,6 +102,33 @@ class MLP(nn.Sequential):
         return x
 
 
+class _WeightedBatchNorm(torch.autograd.Function):
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta with count-weighted batch statistics;
+    the backward in closed form (one pass, like torch's native BatchNorm backward):
+        dx_i = r (g_i - w_i / n (sum_j g_j + xhat_i sum_j g_j xhat_j)),  g = dy * gamma."""
+
+    @staticmethod
+    def forward(ctx, x_NC, w_N, gamma_C, beta_C, eps):
+        n = w_N.sum()
+        mean_C = (w_N @ x_NC) / n
+        centred_NC = x_NC - mean_C
+        var_C = (w_N @ centred_NC.square()) / n
+        r_C = torch.rsqrt(var_C + eps)
+        xhat_NC = centred_NC.mul_(r_C)
+        ctx.save_for_backward(xhat_NC, w_N, r_C, gamma_C)
+        ctx.n = n
+        return torch.addcmul(beta_C, xhat_NC, gamma_C), mean_C.detach(), var_C.detach()
+
+    @staticmethod
+    def backward(ctx, dy_NC, _dmean, _dvar):
+        xhat_NC, w_N, r_C, gamma_C = ctx.saved_tensors
+        g_NC = dy_NC * gamma_C
+        s1_C, s2_C = g_NC.sum(0), (g_NC * xhat_NC).sum(0)
+        coeff_N1 = (w_N / ctx.n)[:, None]
+        dx_NC = (g_NC - coeff_N1 * torch.addcmul(s1_C, xhat_NC, s2_C)) * r_C
+        return dx_NC, None, (dy_NC * xhat_NC).sum(0), dy_NC.sum(0), None
+
+
 def weighted_bn(bn: nn.BatchNorm1d, x_NC: torch.Tensor, w_N: torch.Tensor | None) -> torch.Tensor:
     """`bn` applied to the rows of `x_NC`, each standing for `w_N` identical rows.
 
@@ -102,16 +137,14 @@ def weighted_bn(bn: nn.BatchNorm1d, x_NC: torch.Tensor, w_N: torch.Tensor | None
     running statistics equal `bn` on the rows repeated w times. Eval / no weights: `bn` itself."""
     if w_N is None or not bn.training:
         return bn(x_NC)
-    w = w_N.to(x_NC.dtype)[:, None]
-    n = w.sum()
-    mean_C = (w * x_NC).sum(0) / n
-    var_C = (w * (x_NC - mean_C) ** 2).sum(0) / n
+    w_N = w_N.to(x_NC.dtype)
+    y_NC, mean_C, var_C = _WeightedBatchNorm.apply(x_NC, w_N, bn.weight, bn.bias, bn.eps)
     with torch.no_grad():
-        m = bn.momentum
+        n, m = w_N.sum(), bn.momentum
         bn.running_mean.mul_(1 - m).add_(m * mean_C)
         bn.running_var.mul_(1 - m).add_(m * var_C * n / (n - 1).clamp(min=1))
         bn.num_batches_tracked.add_(1)
-    return (x_NC - mean_C) * torch.rsqrt(var_C + bn.eps) * bn.weight + bn.bias
+    return y_NC
 
 
 def _capped(weight: torch.Tensor) -> torch.Tensor:
@@ -220,10 +253,12 @@ class GEARS(nn.Module):
         w_UG = None if weight_U is None else weight_U.repeat_interleave(G)
         base = (gene_GH[None] + fused_UH[:, None, :]).reshape(U * G, H)
         base = weighted_bn(self.bn_pert_base, base, w_UG).relu()
-        out_UG = (self.recovery(base, w_UG).reshape(U, G, H) * self.w1_GH).sum(-1) + self.b1_G
+        # gene-specific linear maps as one batched product over genes: [G, U, H] @ [G, H, 1]
+        rec_GUH = self.recovery(base, w_UG).reshape(U, G, H).transpose(0, 1)
+        out_UG = torch.bmm(rec_GUH, self.w1_GH[:, :, None])[..., 0].T + self.b1_G
         cross_UH = self.cross_gene(out_UG, weight_U)
-        fused_UGH1 = torch.cat([out_UG[..., None], cross_UH[:, None, :].expand(U, G, H)], -1)
-        delta_UG = (fused_UGH1 * self.w2_GH1).sum(-1) + self.b2_G
+        # w2_g . [d_g, c] = w2_g0 d_g + w2_g[1:] . c, without materialising [U, G, H + 1]
+        delta_UG = (out_UG * self.w2_GH1[:, 0] + cross_UH @ self.w2_GH1[:, 1:].T) + self.b2_G
         logvar_UG = (self.logvar(base, w_UG).reshape(U, G) if self.logvar is not None
                      else None)
         return delta_UG[inverse_B], None if logvar_UG is None else logvar_UG[inverse_B]
@@ -252,9 +287,13 @@ class GEARS(nn.Module):
 
         err_BG = y_BG - y_hat_BG
         autofocus = per_pert(err_BG.abs().pow(2.0 + cfg.gamma))
-        ctrl_BG = inputs[CONTROL_MEAN]
-        direction = per_pert((torch.sign(y_BG - ctrl_BG)
-                              - torch.tanh(cfg.direction_sharpness * (y_hat_BG - ctrl_BG))) ** 2)
+        k = cfg.direction_sharpness
+        if cfg.direction == "mean":
+            direction = per_pert((inputs[DELTA_SIGN] - torch.tanh(k * delta_BG)) ** 2)
+        else:
+            ctrl_BG = inputs[CONTROL_MEAN]
+            direction = per_pert((torch.sign(y_BG - ctrl_BG)
+                                  - torch.tanh(k * (y_hat_BG - ctrl_BG))) ** 2)
         loss = autofocus + cfg.direction_lambda * direction
         metrics = {"autofocus": autofocus.detach(), "direction": direction.detach(),
                    "mse": per_pert(err_BG ** 2).detach()}

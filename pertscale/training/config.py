@@ -57,6 +57,9 @@ class PretrainJobConfig(Config):
         if spec.task != "cells":
             raise ConfigError(f"model.name={spec.name!r} trains on the {spec.task!r} task; "
                               f"`pertscale pretrain` trains models on cells")
+        if self.engine.lr_schedule == "step" and self.engine.lr_decay_every < 1:
+            raise ConfigError("engine.lr_schedule = 'step' needs engine.lr_decay_every >= 1 "
+                              "(optimizer steps between decays)")
         if getattr(self.model, "n_bins", self.tokenizer.n_bins) != self.tokenizer.n_bins:
             raise ConfigError(
                 f"model.n_bins={self.model.n_bins} != tokenizer.n_bins={self.tokenizer.n_bins}: "

@@ -92,6 +92,18 @@ def _all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) ->
     return t.tolist()
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere)."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _average_buffers(module: torch.nn.Module, world: int) -> None:
     """Average the running statistics of every BatchNorm layer over ranks, in place.
 
@@ -259,7 +271,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 best_weights = weights
         if logger is not None:
             logger.log_metrics({**scores, "best_val_mse_de": progress.best_score,
-                                "epoch": float(loader.epoch), "epoch_train_s": train_s},
+                                "epoch": float(loader.epoch), "epoch_train_s": train_s,
+                                "worker_peak_rss_mb": _peak_rss_mb()},
                                step=progress.step)
         epoch_t0 = time.perf_counter()
 

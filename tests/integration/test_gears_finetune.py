@@ -155,6 +155,27 @@ def test_pulled_model_predicts_cells_and_loads_in_a_fresh_process(reference, sim
         parse_perturbation(lbl).name for lbl in labels)
     expected = pull_model("models:/pertscale-gears/1").predictor().predict_delta(
         [parse_perturbation(lbl) for lbl in labels])
+    # per-cell predictions: drawn control cells of each cell type, each plus the change
+    cells_out = tmp_path / "cells.h5ad"
+    assert run_command("predict", ["--model", "models:/pertscale-gears/1",
+                                   "--perturbations", ",".join(labels),
+                                   "--control", str(sim / "store"), "--cells", "3",
+                                   "--covariate-column", "cell_type",
+                                   "--out", str(cells_out)]) == 0
+    cells = ad.read_h5ad(cells_out)
+    assert cells.n_obs == 2 * 2 * 3  # perturbations x cell types x cells
+    from pertscale.data.paired import read_dense_rows
+    from pertscale.store import open_store
+
+    src = open_store(str(sim / "store"))
+    first = cells.obs.iloc[0]
+    row = int(first["control_cell"])
+    assert str(src.obs["perturbation"].iloc[row]) == "ctrl"
+    assert str(src.obs["cell_type"].iloc[row]) == str(first["cell_type"])
+    x = read_dense_rows(src, np.array([row]), log_normalise=True, target_sum=1e4)[0]
+    k = labels.index(next(lbl for lbl in labels
+                          if parse_perturbation(lbl).name == first["perturbation"]))
+    np.testing.assert_allclose(cells.X[0], x + expected[k], rtol=1e-5, atol=1e-5)
     code = ("import mlflow, pandas as pd; "
             "m = mlflow.pyfunc.load_model('models:/pertscale-gears/1'); "
             f"print(m.predict(pd.DataFrame({{'perturbation': {labels!r}}})).to_json())")

@@ -162,3 +162,24 @@ def test_pretrain_cli_reports_bad_input_before_starting_ray(args, code, message,
     config = str(Path(__file__).resolve().parents[2] / "configs" / "debug_cpu.toml")
     assert main(["pretrain", "--config", config, *args]) == code
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_step_schedule_is_adam_l2_and_needs_a_period():
+    from pertscale.training.config import FinetuneJobConfig, PretrainJobConfig
+    from pertscale.training.engine import build_lr_scheduler
+
+    ds = _ds(lr_schedule="step", optimizer="adam", lr_decay_every=5)
+    assert "scheduler" not in ds  # torch's StepLR, handed to deepspeed.initialize
+    assert ds["optimizer"]["type"] == "Adam" and ds["optimizer"]["params"]["adam_w_mode"] is False
+    with pytest.raises(ConfigError, match="lr_decay_every >= 1"):
+        PretrainJobConfig.from_dict({"engine": {"lr_schedule": "step"}})
+    FinetuneJobConfig.from_dict({"engine": {"lr_schedule": "step"}})  # set to one epoch later
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = build_lr_scheduler(EngineConfig(lr_schedule="step", lr_decay_every=2,
+                                            lr_decay_factor=0.5))(opt)
+    rates = []
+    for _ in range(5):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates == [1.0, 1.0, 0.5, 0.5, 0.25]

@@ -12,6 +12,7 @@ from pertscale.config import ConfigError
 from pertscale.constants import (
     CONDITION,
     CONTROL_MEAN,
+    DELTA_SIGN,
     LOSS_GENES,
     PERT_GENES,
     PERT_SIGNS,
@@ -38,7 +39,8 @@ def _inputs(genes, signs, group, seed=0):
     return {X_CONTROL: torch.rand(B, G, generator=g), X_TARGET: torch.rand(B, G, generator=g),
             PERT_GENES: torch.tensor(genes), PERT_SIGNS: torch.tensor(signs, dtype=torch.float32),
             CONDITION: torch.tensor(group), LOSS_GENES: torch.ones(B, G, dtype=torch.bool),
-            CONTROL_MEAN: torch.full((B, G), 0.5)}
+            CONTROL_MEAN: torch.full((B, G), 0.5),
+            DELTA_SIGN: torch.sign(torch.randn(B, G, generator=g))}
 
 
 BATCH = _inputs([[0, -1], [0, -1], [1, 2], [3, -1]], [[1, 0], [1, 0], [1, -1], [-1, 0]],
@@ -56,7 +58,7 @@ def test_every_parameter_is_trained_and_loss_is_finite():
 
 
 def test_loss_is_the_per_perturbation_mean_of_autofocus_plus_direction():
-    model = _model(gamma=2.0, direction_lambda=0.1, direction_sharpness=10.0)
+    model = _model(gamma=2.0, direction_lambda=0.1, direction_sharpness=10.0, direction="cell")
     model.eval()  # fixed BatchNorm statistics: delta can be read back unchanged
     out = model(BATCH)
     delta = out.outputs["delta"]
@@ -65,6 +67,18 @@ def test_loss_is_the_per_perturbation_mean_of_autofocus_plus_direction():
     direction = (torch.sign(BATCH[X_TARGET] - 0.5) - torch.tanh(10 * (y_hat - 0.5))) ** 2
     per_cell = err.mean(1) + 0.1 * direction.mean(1)
     # perturbation 0 has two cells: averaged first, then over the three perturbations
+    expected = (per_cell[:2].mean() + per_cell[2] + per_cell[3]) / 3
+    torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_direction_compares_the_change_with_the_conditions_mean_change():
+    model = _model(gamma=2.0, direction_lambda=0.5, direction_sharpness=3.0, direction="mean")
+    model.eval()
+    out = model(BATCH)
+    delta = out.outputs["delta"]
+    err = (BATCH[X_TARGET] - BATCH[X_CONTROL] - delta).abs() ** 4
+    direction = (BATCH[DELTA_SIGN] - torch.tanh(3.0 * delta)) ** 2
+    per_cell = err.mean(1) + 0.5 * direction.mean(1)
     expected = (per_cell[:2].mean() + per_cell[2] + per_cell[3]) / 3
     torch.testing.assert_close(out.loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
