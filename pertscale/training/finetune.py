@@ -119,6 +119,8 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
                  show_progress: bool = True) -> FinetuneResult:
     """Fine-tune, evaluate and register (see the module docstring)."""
     from pertscale.data.paired import PairedTask, build_paired_context
+    from pertscale.data.perturbation import load_perturbation_data
+    from pertscale.data.splits import build_split
     from pertscale.eval.commands import ModelPredictor, eval_summary
     from pertscale.eval.evaluation import build_baselines, make_report, run_predictors
     from pertscale.models import get_spec
@@ -130,9 +132,6 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
     if not job.data.store_uri:
         raise ConfigError("data.store_uri is empty: pass --data.store_uri=PATH_OR_URI")
     job = job.replace(data=job.data.replace(store_uri=absolute_uri(job.data.store_uri)))
-    from pertscale.data.perturbation import load_perturbation_data
-    from pertscale.data.splits import build_split
-
     src = open_store(job.data.store_uri)
     data = load_perturbation_data(src, job.data.perturbation)
     split = build_split(data, job.data.split)

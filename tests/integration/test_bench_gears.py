@@ -27,12 +27,17 @@ def test_missing_peer_python_is_named(tmp_path):
                            ".venv-gears/bin/pip install torch==2.13.0 cell-gears==0.1.2 "
                            "torch_geometric")
 def test_bench_runs_both_sides_on_the_same_conditions(shared_data, tmp_path, monkeypatch, capsys):
+    import ray
+
     from pertscale.bench.finetune import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = tmp_path / "gears.json"
-    assert main(["--peer-python", str(PEER_PYTHON), "--epochs", "1", "--seeds", "1",
-                 "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    try:
+        assert main(["--peer-python", str(PEER_PYTHON), "--epochs", "1", "--seeds", "1",
+                     "--work", str(tmp_path / "work"), "--out", str(out)]) == 0
+    finally:
+        ray.shutdown()  # the bench started the embedded cluster; later modules start their own
     result = json.loads(out.read_text())
     run = result["runs"][0]
     assert len(run["ours"]["epoch_train_s"]) == 1 == len(run["reference"]["epoch_train_s"])
