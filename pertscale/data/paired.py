@@ -45,7 +45,12 @@ from pertscale.constants import (
     X_CONTROL,
     X_TARGET,
 )
-from pertscale.data.perturbation import PerturbationConfig, PerturbationData, _group_cells
+from pertscale.data.perturbation import (
+    PerturbationConfig,
+    PerturbationData,
+    _group_cells,
+    normalise_counts,
+)
 from pertscale.data.splits import Split, SplitConfig
 from pertscale.models.spec import encode_perturbations
 
@@ -88,13 +93,7 @@ def read_dense_rows(src: Any, rows: np.ndarray, *, log_normalise: bool,
     futures = [src.read_csr_async(int(r[0]), int(r[-1]) + 1) for r in runs]
     x = sp.vstack([f.result() for f in futures], format="csr", dtype=np.float32)
     if log_normalise:
-        totals = np.asarray(x.sum(axis=1)).ravel()
-        if (totals <= 0).any():
-            bad = uniq[np.flatnonzero(totals <= 0)[:5]].tolist()
-            raise ValueError(f"store {src.uri}: cell(s) at rows {bad} have no counts; they "
-                             f"cannot be normalised")
-        x = sp.csr_matrix(sp.diags((target_sum / totals).astype(np.float32)) @ x)
-        x.data = np.log1p(x.data)
+        x = normalise_counts(x, target_sum, uniq)
     return x.toarray()[inverse]
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "PerturbationData",
     "accumulate_groups",
     "load_perturbation_data",
+    "normalise_counts",
     "parse_perturbation",
     "top_de_genes",
     "welch_t_scores",
@@ -205,6 +206,19 @@ def _condition_id(pert: str, covariate: str) -> str:
     return f"{covariate}/{pert}" if covariate else pert
 
 
+def normalise_counts(x: sp.csr_matrix, target_sum: float, rows: np.ndarray) -> sp.csr_matrix:
+    """Each row of raw counts scaled to `target_sum` and log1p'd (x's dtype kept); a row with
+    no counts is an error naming its store row (`rows[i]` is row i's store row)."""
+    totals = np.asarray(x.sum(axis=1)).ravel()
+    empty = np.flatnonzero(totals <= 0)
+    if empty.size:
+        raise ValueError(f"{empty.size} cell(s) have no counts and cannot be normalised, e.g. "
+                         f"store rows {np.asarray(rows)[empty[:5]].tolist()}")
+    x = sp.csr_matrix(sp.diags((target_sum / totals).astype(x.dtype)) @ x)
+    x.data = np.log1p(x.data)
+    return x
+
+
 def accumulate_groups(blocks: Iterable[tuple[int, sp.csr_matrix]], codes: np.ndarray,
                       n_groups: int, *, log_normalise: bool, target_sum: float = 1e4):
     """Sum, sum of squares and count per group over CSR row blocks `(start_row, block)`;
@@ -218,12 +232,7 @@ def accumulate_groups(blocks: Iterable[tuple[int, sp.csr_matrix]], codes: np.nda
             continue
         x = sp.csr_matrix(x[keep], dtype=np.float64)
         if log_normalise:
-            totals = np.asarray(x.sum(axis=1)).ravel()
-            if (totals <= 0).any():
-                raise ValueError(f"{int((totals <= 0).sum())} cell(s) in rows from {start} have "
-                                 f"no counts; they cannot be normalised")
-            x = sp.csr_matrix(sp.diags(target_sum / totals) @ x)
-            x.data = np.log1p(x.data)
+            x = normalise_counts(x, target_sum, start + keep)
         onehot = sp.csr_matrix((np.ones(keep.size), (block_codes[keep], np.arange(keep.size))),
                                shape=(n_groups, keep.size))
         part = np.asarray((onehot @ x).todense())

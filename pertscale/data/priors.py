@@ -44,7 +44,7 @@ import scipy.sparse as sp
 
 from pertscale.checksums import file_sha256
 from pertscale.config import Config, ConfigError, check_choice, check_range
-from pertscale.data.perturbation import PerturbationConfig, _read_blocks
+from pertscale.data.perturbation import PerturbationConfig, _read_blocks, normalise_counts
 from pertscale.paths import storage_root
 
 __all__ = [
@@ -203,16 +203,6 @@ def _graph_from_blocks(nodes: list[str], parts: list[tuple]) -> GeneGraph:
     return GeneGraph(nodes, np.stack([src, dst]), w)
 
 
-def _log_normalise(x: sp.csr_matrix, target_sum: float, start: int) -> sp.csr_matrix:
-    totals = np.asarray(x.sum(axis=1)).ravel()
-    if (totals <= 0).any():
-        raise ValueError(f"{int((totals <= 0).sum())} cell(s) in rows from {start} have no "
-                         f"counts; they cannot be normalised")
-    x = sp.csr_matrix(sp.diags(target_sum / totals) @ x)
-    x.data = np.log1p(x.data)
-    return x
-
-
 def _check_mask(src: Any, rows_mask: np.ndarray) -> np.ndarray:
     mask = np.asarray(rows_mask)
     if mask.dtype != bool or mask.shape != (src.n_cells,):
@@ -237,9 +227,10 @@ def coexpression_graph(src: Any, rows_mask: np.ndarray, *, top_k: int, threshold
     chunk = max(1, DENSE_CHUNK_VALUES // max(n_genes, 1))
     # only block_cells and max_in_flight of this config are read
     for start, x in _read_blocks(src, codes, PerturbationConfig(block_cells=block_cells)):
-        x_BG = sp.csr_matrix(x[np.flatnonzero(mask[start:start + x.shape[0]])], dtype=np.float64)
+        picked = np.flatnonzero(mask[start:start + x.shape[0]])
+        x_BG = sp.csr_matrix(x[picked], dtype=np.float64)
         if src.raw_counts:
-            x_BG = _log_normalise(x_BG, target_sum, start)
+            x_BG = normalise_counts(x_BG, target_sum, start + picked)
         sum_G += np.asarray(x_BG.sum(axis=0)).ravel()
         # NOTE: dense BLAS on bounded row chunks beats scipy's sparse x.T @ x several-fold at
         # single-cell densities (~10% of highly variable genes), and keeps memory bounded.

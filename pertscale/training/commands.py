@@ -31,8 +31,8 @@ from pertscale.training.trainer import (
     new_run_name,
 )
 
-__all__ = ["Launched", "PretrainResult", "absolute_uri", "launch_training", "pretrain_main",
-           "run_pretrain"]
+__all__ = ["Launched", "PretrainResult", "absolute_uri", "launch_training",
+           "parse_training_command", "pretrain_main", "run_pretrain"]
 
 
 @dataclasses.dataclass
@@ -163,19 +163,24 @@ def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
                           model_uri=model_uri)
 
 
-def pretrain_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pertscale pretrain",
-        description="Pretrain a model with DeepSpeed ZeRO on Ray Train; any other "
-                    "--section.field=value argument overrides the config file.")
-    parser.add_argument("--config", required=True, help="job config file (job = \"pretrain\")")
+def parse_training_command(kind: str, description: str, argv: list[str]):
+    """(job config, parsed args) of `pertscale KIND --config FILE [--address] [--no-progress]
+    [--alias NAME] [--section.field=value ...]`, the shape of every training command."""
+    parser = argparse.ArgumentParser(prog=f"pertscale {kind}", description=description)
+    parser.add_argument("--config", required=True, help=f'job config file (job = "{kind}")')
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (auto, ray://host:10001, host:6379); "
                              "default: start an embedded local cluster")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_alias_argument(parser)
     args, overrides = parser.parse_known_args(argv)
-    job = with_aliases(load_config(args.config, overrides, job="pretrain"), args.alias)
+    return with_aliases(load_config(args.config, overrides, job=kind), args.alias), args
+
+
+def pretrain_main(argv: list[str]) -> int:
+    job, args = parse_training_command(
+        "pretrain", "Pretrain a model with DeepSpeed ZeRO on Ray Train; any other "
+        "--section.field=value argument overrides the config file.", argv)
     assert isinstance(job, PretrainJobConfig)
     result = run_pretrain(job, address=args.address, show_progress=not args.no_progress)
     print(json.dumps({"run_name": result.run_name, "checkpoint": result.checkpoint_dir,

@@ -16,7 +16,6 @@ lineage tags and the evaluation summary.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -25,10 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from pertscale.config import ConfigError, load_config
-from pertscale.tracking.commands import add_alias_argument, with_aliases
+from pertscale.config import ConfigError
 from pertscale.training.checkpoint import MODEL_DIR
-from pertscale.training.commands import absolute_uri, launch_training
+from pertscale.training.commands import absolute_uri, launch_training, parse_training_command
 from pertscale.training.config import FinetuneJobConfig
 
 __all__ = ["FinetuneResult", "finetune_main", "gene_init", "run_finetune"]
@@ -179,19 +177,10 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
 
 
 def finetune_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="pertscale finetune",
-        description="Fine-tune a perturbation model on perturbed cells paired with controls "
-                    "(DeepSpeed ZeRO on Ray Train), register it and report it beside the "
-                    "baselines; any other --section.field=value argument overrides the config.")
-    parser.add_argument("--config", required=True, help='job config file (job = "finetune")')
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster address (auto, ray://host:10001, host:6379); "
-                             "default: start an embedded local cluster")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_alias_argument(parser)
-    args, overrides = parser.parse_known_args(argv)
-    job = with_aliases(load_config(args.config, overrides, job="finetune"), args.alias)
+    job, args = parse_training_command(
+        "finetune", "Fine-tune a perturbation model on perturbed cells paired with controls "
+        "(DeepSpeed ZeRO on Ray Train), register it and report it beside the baselines; any "
+        "other --section.field=value argument overrides the config.", argv)
     result = run_finetune(job, address=args.address, show_progress=not args.no_progress)
     print(result.table)
     print(f"\nreport: {result.report_path}")
