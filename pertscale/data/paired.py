@@ -61,6 +61,7 @@ __all__ = [
     "PairedTask",
     "PairedValidation",
     "build_paired_context",
+    "control_rows",
     "read_dense_rows",
 ]
 
@@ -97,6 +98,15 @@ def read_dense_rows(src: Any, rows: np.ndarray, *, log_normalise: bool,
     return x.toarray()[inverse]
 
 
+def control_rows(codes: np.ndarray, table: Any, covariates: Sequence[str]) -> list[np.ndarray]:
+    """Store rows of the control cells of each covariate (codes and table: `_group_cells`)."""
+    out = []
+    for cov in covariates:
+        ctrl = table.index[(table["covariate"] == cov) & table["is_control"]]
+        out.append(np.flatnonzero(codes == table.index.get_loc(ctrl[0])))
+    return out
+
+
 class PairedLoader:
     """Iterable of paired batches for one rank (module doc); `num_batches` per epoch."""
 
@@ -122,10 +132,7 @@ class PairedLoader:
         # controls of each covariate, and the covariate of each training condition
         covariates = sorted(set(table["covariate"]))
         cov_pos = {c: i for i, c in enumerate(covariates)}
-        self._controls: list[np.ndarray] = []
-        for cov in covariates:
-            ctrl = table.index[(table["covariate"] == cov) & table["is_control"]]
-            self._controls.append(np.flatnonzero(codes == table.index.get_loc(ctrl[0])))
+        self._controls = control_rows(codes, table, covariates)
         self._cond_cov = np.array([cov_pos[table.at[c, "covariate"]] for c in self.conditions],
                                   dtype=np.int64)
         self.covariates = covariates
@@ -327,15 +334,14 @@ class PairedValidation:
         self.signs = torch.as_tensor(val["pert_signs"])
         self.delta = np.asarray(val["delta"], dtype=np.float64)
         self.de_idx = np.asarray(val["de_idx"])
-        self.control_mean = torch.as_tensor(context["control_mean"])[
-            torch.as_tensor(val["covariate"])]
+        self.covariate = torch.as_tensor(val["covariate"])
 
     def __call__(self, module: torch.nn.Module, device: torch.device) -> dict[str, float]:
         was_training = module.training
         module.eval()
         try:
             pred = module.predict_delta(self.genes.to(device), self.signs.to(device),
-                                        self.control_mean.to(device)).double().cpu().numpy()
+                                        self.covariate.to(device)).double().cpu().numpy()
         finally:
             module.train(was_training)
         rows = np.arange(len(self.de_idx))[:, None]

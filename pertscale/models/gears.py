@@ -54,7 +54,7 @@ from pertscale.models.spec import Exported, ModelConfig, ModelSpec, encode_pertu
 
 DIRECTIONS = ("mean", "cell")
 
-__all__ = ["GEARS", "SPEC", "GEARSConfig", "GearsPredictor", "build_gears"]
+__all__ = ["GEARS", "SPEC", "GEARSConfig", "GearsPredictor", "build_gears", "gene_init"]
 
 
 @dataclasses.dataclass
@@ -265,9 +265,9 @@ class GEARS(nn.Module):
 
     @torch.no_grad()
     def predict_delta(self, pert_genes_PK: torch.Tensor, pert_signs_PK: torch.Tensor,
-                      control_mean_PG: torch.Tensor | None = None) -> torch.Tensor:
+                      covariate_P: torch.Tensor | None = None) -> torch.Tensor:
         """[P, G] predicted mean change of each perturbation (GEARS' delta does not depend on
-        the control cell, so `control_mean_PG` is not used)."""
+        the control cell or its covariate, so `covariate_P` is not used)."""
         return self._heads(pert_genes_PK, pert_signs_PK)[0]
 
     def forward(self, inputs: dict[str, Any]) -> LossOutput:
@@ -309,8 +309,7 @@ class GEARS(nn.Module):
 
 # --- the spec ----------------------------------------------------------------------------------
 def build_gears(cfg: GEARSConfig, context: dict[str, Any]) -> GEARS:
-    """The module over the fine-tune's readout genes, perturbation table and graphs; gene
-    embeddings start from `context["gene_init"]` where `gene_init_mask` is set."""
+    """The module over the fine-tune's readout genes, perturbation table and graphs."""
     genes, perts = context["genes"], context["pert_genes"]
     graphs = context["graphs"]
     model = GEARS(cfg, len(genes), len(perts),
@@ -318,12 +317,42 @@ def build_gears(cfg: GEARSConfig, context: dict[str, Any]) -> GEARS:
                   coexpress_weight=torch.as_tensor(graphs["coexpress_weight"]),
                   go_edges=torch.as_tensor(graphs["go_edges"]),
                   go_weight=torch.as_tensor(graphs["go_weight"]))
-    init = context.get("gene_init")
-    if init is not None:
-        mask = torch.as_tensor(np.asarray(context["gene_init_mask"], dtype=bool))
-        with torch.no_grad():
-            model.gene_emb.weight[mask] = torch.as_tensor(init, dtype=torch.float32)[mask]
     return model
+
+
+def gene_init(table_genes: list[str], table_ND: np.ndarray, symbols: list[str], genes: list[str],
+              hidden: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(init [G, hidden], mask [G], matched): a gene table's rows for the readout genes (matched
+    by symbol, else by gene id), projected on its top `hidden` principal axes when wider and
+    scaled to unit norm (the embeddings' norm cap); a table narrower than `hidden` is an error."""
+    table_ND = np.asarray(table_ND, dtype=np.float64)
+    if table_ND.shape[1] < hidden:
+        raise ValueError(f"the gene table has {table_ND.shape[1]} dimensions, fewer than "
+                         f"model.hidden={hidden}: set model.hidden <= {table_ND.shape[1]}")
+    if table_ND.shape[1] > hidden:
+        centred = table_ND - table_ND.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        table_ND = centred @ vt[:hidden].T
+    index = {g: i for i, g in enumerate(table_genes)}
+    rows = np.array([index.get(s, index.get(g, -1)) for s, g in zip(symbols, genes)])
+    mask = rows >= 0
+    init = np.zeros((len(genes), hidden), dtype=np.float32)
+    chosen = table_ND[rows[mask]]
+    init[mask] = chosen / np.maximum(np.linalg.norm(chosen, axis=1, keepdims=True), 1e-12)
+    return init, mask, int(mask.sum())
+
+
+def _init_from(cfg: GEARSConfig, parent: ModelSpec, exported: Exported, data: Any):
+    """Gene embeddings from a registered model's gene table where genes match (`gene_init`)."""
+    if parent.gene_table is None:
+        raise ValueError(f"a {parent.name} model has no gene embeddings to initialise from")
+    names, table = parent.gene_table(exported)
+    init, mask, matched = gene_init(list(names), table, data.symbols, data.genes, cfg.hidden)
+    if matched == 0:
+        raise ValueError(f"none of the store's {len(data.genes)} genes is in its gene table of "
+                         f"{len(names)} genes")
+    return ({"gene_emb.weight": init}, {"gene_emb.weight": mask},
+            {"init_genes_matched": f"{matched}/{len(data.genes)}"})
 
 
 def export_gears(cfg: GEARSConfig, state_dict: dict[str, torch.Tensor],
@@ -389,4 +418,5 @@ SPEC = ModelSpec(
     prepare=_prepare,
     export=export_gears,
     load=GearsPredictor,
+    init_from=_init_from,
 )

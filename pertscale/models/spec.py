@@ -15,7 +15,8 @@ A spec says, for one model (torchtitan's ModelSpec is the pattern):
                  the module's input dict
     prepare      paired models: (job config, PairedTask) -> the model's own context entries
                  (e.g. GEARS' perturbation table and graphs), computed once on the driver;
-                 a paired module also has predict_delta(pert_genes, pert_signs, control_mean)
+                 a paired module also has predict_delta(pert_genes, pert_signs, covariate)
+                 (covariate: row of the context's `covariates`)
     fit          fitted models: (config, data, train conditions, features, parallel map) ->
                  a fitted object
     export       trained: (config, state dict, context) / fitted: (config, fitted, context) ->
@@ -23,6 +24,10 @@ A spec says, for one model (torchtitan's ModelSpec is the pattern):
     load         `Exported` -> a predictor (a `PerturbationPredictor`, or a cell embedder)
     gene_table   optional: `Exported` -> (gene names, vectors), the model's gene embeddings,
                  which a fit job can take as features (`init_from = "models:/..."`)
+    init_from    optional, paired models: (config, parent spec, parent `Exported`, data) ->
+                 (values, rows, report): initial parameter values taken from a registered
+                 model (full shapes; `rows` = bool per row where only some rows are taken) and
+                 what was taken (lineage tags); the worker writes them after building
 
 The worker loop, `fit`, `evaluate`, `pull`, `predict` and the registry read only specs. Adding a
 model is one module exporting `SPEC`, one config file and one line in the table.
@@ -125,6 +130,7 @@ class ModelSpec:
     fit: Callable[..., Any] | None = None
     prepare: Callable[[Any, Any], dict[str, Any]] | None = None
     gene_table: Callable[[Exported], tuple[list[str], np.ndarray]] | None = None
+    init_from: Callable[..., tuple[dict[str, Any], dict[str, Any], dict[str, str]]] | None = None
 
     def __post_init__(self) -> None:
         check_choice(f"{self.name}.task", self.task, TASKS)

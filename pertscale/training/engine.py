@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 from pertscale.config import Config, ConfigError, check_choice, check_range
@@ -220,6 +221,39 @@ def model_init_context(ds_config: dict[str, Any]):
     # Ray Train already set up (deepspeed.initialize would do so only later).
     deepspeed.init_distributed(dist_init_required=False)
     return deepspeed.zero.Init(config_dict_or_path=ds_config)
+
+
+def assign_parameters(model: torch.nn.Module, values: dict[str, Any] | None,
+                      rows: dict[str, Any] | None = None) -> int:
+    """Write full-shape `values` (parameter name -> array) into `model`'s parameters; where
+    `rows[name]` (bool per row) is given, only those rows. Under ZeRO-3 each parameter is
+    gathered, written and re-partitioned (`GatheredParameters`: a write to a partitioned
+    weight would be lost). Every rank must call it. Returns the number of parameters written."""
+    if not values:
+        return 0
+    params = dict(model.named_parameters())
+    unknown = sorted(set(values) - set(params))
+    if unknown:
+        raise ValueError(f"initial values name parameters the model does not have: {unknown[:5]}")
+    for name, value in values.items():
+        p = params[name]
+        ctx = contextlib.nullcontext()
+        if hasattr(p, "ds_id"):
+            import deepspeed
+
+            ctx = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        with ctx, torch.no_grad():
+            value = torch.as_tensor(np.asarray(value), dtype=p.dtype)
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"initial value of {name} has shape {tuple(value.shape)}, the "
+                                 f"model's is {tuple(p.shape)}")
+            mask = (rows or {}).get(name)
+            if mask is None:
+                p.copy_(value)
+            else:
+                mask = torch.as_tensor(np.asarray(mask, dtype=bool))
+                p[mask] = value[mask]
+    return len(values)
 
 
 def build_lr_scheduler(cfg: EngineConfig):

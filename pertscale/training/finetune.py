@@ -22,14 +22,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pertscale.config import ConfigError
 from pertscale.training.checkpoint import MODEL_DIR
 from pertscale.training.commands import absolute_uri, launch_training, parse_training_command
 from pertscale.training.config import FinetuneJobConfig
 
-__all__ = ["FinetuneResult", "finetune_main", "gene_init", "run_finetune"]
+__all__ = ["FinetuneResult", "finetune_main", "run_finetune"]
 
 log = logging.getLogger(__name__)
 
@@ -51,50 +49,28 @@ class FinetuneResult:
     """Lineage of the gene-embedding initialisation (empty without init_from)."""
 
 
-def gene_init(table_genes: list[str], table_ND: np.ndarray, symbols: list[str], genes: list[str],
-              hidden: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """(init [G, hidden], mask [G], matched): a gene table's rows for the readout genes (matched
-    by symbol, else by gene id), projected on its top `hidden` principal axes when wider and
-    scaled to unit norm (the embeddings' norm cap); a table narrower than `hidden` is an error."""
-    table_ND = np.asarray(table_ND, dtype=np.float64)
-    if table_ND.shape[1] < hidden:
-        raise ValueError(f"the gene table has {table_ND.shape[1]} dimensions, fewer than "
-                         f"model.hidden={hidden}: set model.hidden <= {table_ND.shape[1]}")
-    if table_ND.shape[1] > hidden:
-        centred = table_ND - table_ND.mean(0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        table_ND = centred @ vt[:hidden].T
-    index = {g: i for i, g in enumerate(table_genes)}
-    rows = np.array([index.get(s, index.get(g, -1)) for s, g in zip(symbols, genes)])
-    mask = rows >= 0
-    init = np.zeros((len(genes), hidden), dtype=np.float32)
-    chosen = table_ND[rows[mask]]
-    init[mask] = chosen / np.maximum(np.linalg.norm(chosen, axis=1, keepdims=True), 1e-12)
-    return init, mask, int(mask.sum())
-
-
 def _init_from(job: FinetuneJobConfig, data: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """Context entries with the initial weights the model's spec takes from `init_from`, and
+    the lineage tags (parent, its version, what was taken)."""
     if not job.init_from:
         return {}, {}
     from pertscale.models import get_spec
     from pertscale.tracking import pull_model
 
+    spec = get_spec(job.model.name)
+    if spec.init_from is None:
+        raise ConfigError(f"init_from={job.init_from}: a {spec.name} model cannot be "
+                          f"initialised from a registered model")
     parent = pull_model(job.init_from, tracking=job.tracking)
-    spec = get_spec(parent.kind)
-    if spec.gene_table is None:
-        raise ValueError(f"init_from={job.init_from}: a {parent.kind} model has no gene "
-                         f"embeddings to initialise from")
-    names, table = spec.gene_table(parent.exported)
-    init, mask, matched = gene_init(list(names), table, data.symbols, data.genes,
-                                    job.model.hidden)
-    if matched == 0:
-        raise ValueError(f"init_from={job.init_from}: none of the store's {len(data.genes)} "
-                         f"genes is in its gene table of {len(names)} genes")
-    log.info("init_from %s: %d of %d genes matched", job.init_from, matched, len(data.genes))
-    return ({"gene_init": init, "gene_init_mask": mask},
+    try:
+        values, rows, report = spec.init_from(job.model, get_spec(parent.kind),
+                                              parent.exported, data)
+    except ValueError as e:
+        raise ValueError(f"init_from={job.init_from}: {e}") from None
+    log.info("init_from %s: %s", job.init_from, ", ".join(f"{k} {v}" for k, v in report.items()))
+    return ({"init_state": values, "init_rows": rows},
             {"init_from": job.init_from,
-             "init_from_version": f"models:/{parent.name}/{parent.version}",
-             "init_genes_matched": f"{matched}/{len(data.genes)}"})
+             "init_from_version": f"models:/{parent.name}/{parent.version}", **report})
 
 
 def _plan(job: FinetuneJobConfig, task: Any) -> FinetuneJobConfig:

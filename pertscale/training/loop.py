@@ -143,6 +143,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from pertscale.models import get_spec
     from pertscale.training.config import JOB_KINDS
     from pertscale.training.engine import (
+        assign_parameters,
         build_ds_config,
         build_engine,
         build_lr_scheduler,
@@ -173,6 +174,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # as soon as its module exists, so no rank ever holds the whole model.
     with model_init_context(ds_config):
         model = spec.build(job.model, context)
+    if spec.task == "paired":  # init_from: a parent's weights, computed once on the driver
+        assign_parameters(model, context.get("init_state"), context.get("init_rows"))
     engine = build_engine(model, ds_config, lr_scheduler=build_lr_scheduler(eng))
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in engine.module.parameters())

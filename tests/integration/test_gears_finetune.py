@@ -226,3 +226,59 @@ def _data_perturbations(sim: Path) -> list[str]:
 
     labels = open_store(str(sim / "store")).obs["perturbation"].astype(str)
     return sorted({lbl for lbl in labels if lbl not in ("ctrl", "control")})
+
+
+def test_scgpt_perturb_starts_from_a_registered_scgpt_and_is_reported_beside_gears(
+        reference, ray_session, sim, storage, tmp_path):
+    """scGPT's perturbation task fine-tuned from a registered scgpt under ZeRO-3: at a learning
+    rate of 1e-30 the exported weights are the parent's (to 1e-12; a step moves a zero by 1e-30) (transformer, value encoder, decoder, gene rows), so what
+    init_from copies survives partitioning; registered as pertscale-scgpt_perturb with lineage,
+    and `pertscale evaluate` reports it beside GEARS and the baselines in one table."""
+    import pandas as pd
+
+    from pertscale.cli import main
+    from pertscale.models import get_spec
+    from pertscale.models.scgpt_perturb import SHARED_PREFIXES
+    from pertscale.store import open_store
+    from pertscale.tracking import RunLogger, TrackingConfig, log_model
+    from pertscale.training.finetune import run_finetune
+
+    spec = get_spec("scgpt")
+    sc_job = load_config(REPO / spec.debug_config)
+    st = open_store(str(sim / "store"))
+    torch.manual_seed(3)
+    module = spec.build(sc_job.model, st.vocab.tokens)
+    parent = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    exported = spec.export(sc_job.model, module.state_dict(), {
+        "job": sc_job.to_dict(), "vocab": st.vocab.tokens,
+        "gene_symbols": st.var["gene_symbol"].astype(str).tolist()})
+    with RunLogger(TrackingConfig(), run_name="scgpt") as logger:
+        version = log_model(logger, exported, aliases=["perturb_base"])
+    job = load_config(REPO / "configs" / "scgpt_perturb_debug.toml",
+                      [f"--data.store_uri={sim / 'store'}", "--epochs=1", "--engine.lr=1e-30",
+                       "--engine.zero_stage=3", "--trainer.run_name=scgpt_perturb",
+                       "--init_from=models:/pertscale-scgpt@perturb_base"], job="finetune")
+    result = run_finetune(job, show_progress=False)
+    assert result.init["init_from_version"] == version
+    assert result.init["init_genes_matched"] == "120/120"
+    weights = _weights(result)
+    shared = [k for k in parent if k.startswith(SHARED_PREFIXES)]
+    assert len(shared) > 10 and int(result.init["init_tensors"]) == len(shared) + 1
+    for key in shared:
+        torch.testing.assert_close(weights[key], parent[key], rtol=0, atol=1e-12, msg=key)
+    torch.testing.assert_close(weights["gene_embedding.weight"],
+                               parent["gene_embedding.weight"][3:], rtol=0, atol=1e-12)
+    assert result.model_uri.startswith("models:/pertscale-scgpt_perturb/")
+    summary = result.summary
+    assert {"unseen_single", "combo_seen2"} <= set(
+        summary.loc[summary["model"] == "scgpt_perturb", "subgroup"])
+
+    out = tmp_path / "both"
+    assert main(["evaluate", "--config", str(REPO / "configs/evaluate.toml"),
+                 f"--data.store_uri={sim / 'store'}", f"--report.out_dir={out}",
+                 ("--models=[\"models:/pertscale-gears@latest\", "
+                  "\"models:/pertscale-scgpt_perturb@latest\"]"),
+                 "--report.baselines=[\"no_change\", \"train_mean\", \"additive\"]"]) == 0
+    table = pd.read_csv(out / "metrics.csv")
+    models = {m.split("-v")[0] for m in table.loc[table["subgroup"] == "unseen_single", "model"]}
+    assert models == {"gears", "scgpt_perturb", "no_change", "train_mean"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pertscale.training.finetune import gene_init
+from pertscale.models.gears import gene_init
 
 
 def test_gene_init_matches_symbols_then_ids_and_projects_to_the_hidden_size():
