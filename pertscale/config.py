@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import sys
 import tomllib
 import types
@@ -50,6 +51,10 @@ def check_choice(field: str, value: Any, choices: typing.Iterable[Any]) -> None:
 
 def check_range(field: str, value: float, lo: float | None = None, hi: float | None = None,
                 *, lo_open: bool = False, hi_open: bool = False) -> None:
+    """`value` within the bounds (open or closed; None = unbounded); NaN and +-inf are refused
+    (every comparison with NaN is False, so NaN would pass any range)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{field}={value!r} is not a finite number")
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
         hi is not None and (value >= hi if hi_open else value > hi))
     if bad:
@@ -121,6 +126,8 @@ def _coerce(value: Any, tp: Any, field: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{field}={value!r} must be a number")
+        if not math.isfinite(value):  # NaN passes every comparison, so every range check
+            raise ConfigError(f"{field}={value!r} is not a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):

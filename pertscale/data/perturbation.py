@@ -268,7 +268,9 @@ def top_de_genes(scores: np.ndarray, n: int, keep: np.ndarray | None = None) -> 
 def _obs_column(obs: pd.DataFrame, column: str, uri: str) -> pd.Series:
     if column not in obs.columns:
         raise ValueError(f"store {uri} has no obs column {column!r}; columns: {list(obs.columns)}")
-    return obs[column].astype(str)
+    values = obs[column]
+    # NOTE: missing values stay missing (astype(str) would turn them into the label "nan")
+    return values.astype(str).where(values.notna().to_numpy(), np.nan)
 
 
 def _group_cells(obs: pd.DataFrame, cfg: PerturbationConfig, uri: str):
@@ -292,6 +294,14 @@ def _group_cells(obs: pd.DataFrame, cfg: PerturbationConfig, uri: str):
         signs = pd.Series(1, index=obs.index)
     covs = (_obs_column(obs, cfg.covariate_column, uri) if cfg.covariate_column
             else pd.Series("", index=obs.index))
+    for column, values in ((cfg.perturbation_column, labels),
+                           (cfg.covariate_column, covs if cfg.covariate_column else None)):
+        missing = np.flatnonzero(values.isna().to_numpy() & keep) if values is not None else []
+        if len(missing):
+            raise ValueError(f"store {uri}: {len(missing)} cell(s) have no {column} label "
+                             f"(missing value), e.g. cell {str(obs.index[missing[0]])!r}; label "
+                             f"them (a control label for controls) or leave them out with "
+                             f"filter_column / filter_values")
     key = pd.DataFrame({"label": labels.to_numpy(), "sign": signs.to_numpy(),
                         "cov": covs.to_numpy()})[keep]
     perts: dict[str, Perturbation] = {}

@@ -9,6 +9,7 @@ string) as zarr arrays.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -138,6 +139,24 @@ def read_json(kv: ts.KvStore, key: str) -> dict[str, Any] | None:
 
 def write_json(kv: ts.KvStore, key: str, doc: dict[str, Any]) -> None:
     kv.write(key, json.dumps(doc, indent=1, sort_keys=True).encode("utf-8")).result()
+
+
+# Root attributes that are provenance, not content: outside the fingerprint.
+FINGERPRINT_EXCLUDED = ("fingerprint", "source", "tool")
+
+
+def content_fingerprint(attrs: dict[str, Any]) -> str:
+    """sha256 of a committed store's content: its root attributes (the shard manifest, the
+    sha256 of every metadata document, sizes, value kind...) except FINGERPRINT_EXCLUDED."""
+    doc = {k: v for k, v in attrs.items() if k not in FINGERPRINT_EXCLUDED}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"))
+                          .encode("utf-8")).hexdigest()
+
+
+def metadata_keys(kv: ts.KvStore) -> list[str]:
+    """Every zarr.json document below the store root (groups and arrays), sorted."""
+    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in kv.list().result()]
+    return sorted(k for k in keys if k.endswith("zarr.json") and k != "zarr.json")
 
 
 def group_meta(attributes: dict[str, Any] | None = None) -> dict[str, Any]:

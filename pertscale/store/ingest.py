@@ -14,6 +14,7 @@ output path is an error unless `overwrite`. For several inputs each member is on
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from pertscale.store.format import (
     read_json,
     write_json,
 )
-from pertscale.store.writer import StoreWriter, prepare_output
+from pertscale.store.writer import StoreWriter, begin_replacement, prepare_output, swap_in
 
 __all__ = ["IngestConfig", "file_sha256", "ingest", "ingest_h5ad"]
 
@@ -239,8 +240,24 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig | None =
             for m, p in zip(existing["members"], inputs))
         if same and not cfg.overwrite:
             return existing
+    replacing = False
     if existing.get("pertscale_format") != COLLECTION_NAME or existing.get("complete"):
-        prepare_output(out, overwrite=cfg.overwrite)  # resume only an incomplete collection
+        replacing = prepare_output(out, overwrite=cfg.overwrite)  # resume only an incomplete one
+    # NOTE: a complete store is replaced only once its replacement is committed (writer.py)
+    target = str(begin_replacement(Path(out))) if replacing else out
+    try:
+        attrs = _write_members(inputs, names, target, cfg, report)
+    except BaseException:
+        if replacing:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if replacing:
+        swap_in(Path(target), Path(out))
+    return attrs
+
+
+def _write_members(inputs: list[Path], names: list[str], out: str, cfg: IngestConfig,
+                   report: Callable) -> dict[str, Any]:
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json(open_kvstore(out), "zarr.json", group_meta(
         {"pertscale_format": COLLECTION_NAME, "complete": False,

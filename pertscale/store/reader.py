@@ -8,6 +8,7 @@ so many block reads can be in flight at once (the loader overlaps them with comp
 from __future__ import annotations
 
 import functools
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,10 @@ from pertscale.store.format import (
     X_INDPTR,
     StoreError,
     array_spec,
+    content_fingerprint,
     decode_column,
     kvstore_spec,
+    metadata_keys,
     open_kvstore,
     read_json,
 )
@@ -109,7 +112,6 @@ class CellStore:
         self.n_genes = int(attrs["n_genes"])
         self.nnz = int(attrs["nnz"])
         self.raw_counts = bool(attrs["raw_counts"])
-        self.fingerprint = str(attrs["fingerprint"])
         self._kv_spec = kvstore_spec(uri)
         self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
         self._indices = self._open(X_INDICES)
@@ -119,6 +121,17 @@ class CellStore:
             raise StoreError(f"store {uri}: X/indptr ({len(self.indptr)} entries, last "
                              f"{self.indptr[-1]}) disagrees with n_cells={self.n_cells}, "
                              f"nnz={self.nnz}")
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The content fingerprint (the lineage key) of the store as it is now: the committed
+        root attributes with the sha256 of every metadata document recomputed, so an edited
+        obs/var/stats document changes it (shard contents are checked by crc32c on every read
+        and by `verify`)."""
+        kv = open_kvstore(self.uri)
+        current = {key: hashlib.sha256(bytes(kv.read(key).result().value)).hexdigest()
+                   for key in metadata_keys(kv)}
+        return content_fingerprint({**self.attrs, "metadata": current})
 
     def __repr__(self) -> str:
         kind = "raw counts" if self.raw_counts else "normalised values"
@@ -131,6 +144,9 @@ class CellStore:
     def _open(self, path: str) -> ts.TensorStore:
         spec = array_spec(self._kv_spec, path, np.float32, shard_values=1, chunk_values=1,
                           create=False)
+        # NOTE: every chunk of a committed store exists; a missing one is an error, not zeros
+        # (tensorstore's default fills missing chunks with the fill value).
+        spec["fill_missing_data_reads"] = False
         try:
             return ts.open(spec, open=True, read=True, context=self._context).result()
         except ValueError as e:

@@ -1,4 +1,6 @@
-"""Verify a store: every shard file against the sha256 manifest written at commit.
+"""Verify a store: every shard file against the sha256 manifest written at commit, every
+metadata document (group and array zarr.json) against its recorded sha256, and the root
+attributes against the fingerprint.
 
 The zarr codecs already carry crc32c checksums (shard index and every inner chunk), which catch
 corruption when a chunk is read; `verify` checks whole files up front and names the array and
@@ -11,7 +13,14 @@ import dataclasses
 import hashlib
 from typing import Any
 
-from pertscale.store.format import COLLECTION_NAME, StoreError, join_uri, open_kvstore
+from pertscale.store.format import (
+    COLLECTION_NAME,
+    StoreError,
+    content_fingerprint,
+    join_uri,
+    metadata_keys,
+    open_kvstore,
+)
 from pertscale.store.reader import read_store_attrs
 
 __all__ = ["VerifyReport", "verify_store"]
@@ -71,7 +80,30 @@ def verify_store(uri: str) -> VerifyReport:
                                        "collection was written")
         return report
     _verify_manifest(uri, attrs["manifest"], report)
+    _verify_metadata(uri, attrs, report)
     return report
+
+
+def _verify_metadata(uri: str, attrs: dict[str, Any], report: VerifyReport) -> None:
+    recorded = attrs.get("metadata")
+    if recorded is None:
+        report.problems.append("the store has no metadata checksums (written by an older "
+                               "pertscale): re-ingest it to verify its metadata")
+        return
+    kv = open_kvstore(uri)
+    present = metadata_keys(kv)
+    for key in sorted(set(present) - set(recorded)):
+        report.problems.append(f"metadata document {key} was added after the commit")
+    for key, digest in sorted(recorded.items()):
+        res = kv.read(key).result()
+        if res.state != "value":
+            report.problems.append(f"metadata document {key} is missing")
+        elif hashlib.sha256(bytes(res.value)).hexdigest() != digest:
+            report.problems.append(f"metadata document {key} was changed after the commit "
+                                   f"(sha256 mismatch)")
+    if content_fingerprint(attrs) != attrs.get("fingerprint"):
+        report.problems.append("root attributes (zarr.json) were changed after the commit "
+                               "(fingerprint mismatch)")
 
 
 def _member_fingerprint(uri: str, member: dict[str, Any]) -> str:

@@ -8,6 +8,15 @@ stripped of explicit zeros, sorted, and added to the CSR arrays; per-gene statis
 per-cell `n_counts` obs column are accumulated on the way. The root `zarr.json` says
 `"complete": false` from the first byte written and `true` only after every shard is written and
 hashed: a store whose writer died is refused by `open_store` as incomplete.
+
+Replacing a complete store (`overwrite`): the new store is written beside it, in
+`.<name>.pertscale-new`, and swapped in by two renames only once it is committed; a failure or
+an interrupt before then removes the staging folder and leaves the old store as it was.
+
+Integrity: the root attributes hold the sha256 of every shard file (`manifest`) and of every
+metadata document below the root (`metadata`: group and array zarr.json, with the obs/var
+encodings and categories); the fingerprint hashes all root attributes but provenance
+(`content_fingerprint`), so an edited document or attribute changes it and fails `verify`.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import tensorstore as ts
 
 import pertscale
 from pertscale.store.arrays import AppendArray, ColumnSink
@@ -41,33 +51,73 @@ from pertscale.store.format import (
     X_INDICES,
     X_INDPTR,
     StoreError,
+    array_spec,
+    content_fingerprint,
+    decode_strings,
     group_meta,
     kvstore_spec,
     local_path,
+    metadata_keys,
     open_kvstore,
     read_json,
     write_json,
 )
 
-__all__ = ["SEURAT_TARGET_SUM", "StoreWriter", "prepare_output"]
+__all__ = ["SEURAT_TARGET_SUM", "StoreWriter", "begin_replacement", "prepare_output", "swap_in"]
 
 SEURAT_TARGET_SUM = 1e4  # normalize_total target of the accumulated "seurat" statistics
 MAX_EXACT_COUNT = 2 ** 24  # float32 holds every integer up to here exactly
 
 
-def prepare_output(uri: str, *, overwrite: bool) -> None:
+def staging_path(final: Path) -> Path:
+    """Where a replacement of the store at `final` is written before the swap."""
+    return final.parent / f".{final.name}.pertscale-new"
+
+
+def _remove_ours(path: Path) -> None:
+    """Remove `path` if it is absent, empty or a pertscale store (ours); else an error."""
+    if not path.exists():
+        return
+    meta = read_json(open_kvstore(str(path)), "zarr.json") if path.is_dir() else None
+    kind = (meta or {}).get("attributes", {}).get("pertscale_format")
+    if path.is_dir() and (kind in (FORMAT_NAME, "pertscale.collection") or not any(path.iterdir())):
+        shutil.rmtree(path)
+        return
+    raise StoreError(f"{path} exists and was not written by pertscale; move it away")
+
+
+def begin_replacement(final: Path) -> Path:
+    """A fresh staging folder for a replacement of `final` (a leftover of ours is removed)."""
+    staging = staging_path(final)
+    _remove_ours(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def swap_in(staging: Path, final: Path) -> None:
+    """Replace the store at `final` by the committed one at `staging` (two renames)."""
+    old = final.parent / f".{final.name}.pertscale-old"
+    _remove_ours(old)
+    final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old)
+
+
+def prepare_output(uri: str, *, overwrite: bool) -> bool:
     """Make `uri` ready for a new store: absent, empty, an incomplete store (removed: a rerun
-    restarts cleanly) or, with `overwrite`, a complete one. Anything else is an error."""
+    restarts cleanly) or, with `overwrite`, a complete one, which is kept until its replacement
+    is committed: returns True then (write to `begin_replacement`, then `swap_in`). Anything
+    else is an error."""
     path = local_path(uri)
     if path is None:
         raise StoreError(f"output {uri!r}: stores are written to a local path; "
                          "upload the finished store to object storage")
     if not path.exists():
-        return
+        return False
     if not path.is_dir():
         raise StoreError(f"output {path} exists and is not a directory")
     if not any(path.iterdir()):
-        return
+        return False
     meta = read_json(open_kvstore(str(path)), "zarr.json")
     attrs = (meta or {}).get("attributes", {})
     if attrs.get("pertscale_format") not in (FORMAT_NAME, "pertscale.collection"):
@@ -77,7 +127,10 @@ def prepare_output(uri: str, *, overwrite: bool) -> None:
         raise StoreError(f"output {path} already holds a complete store "
                          f"(source {attrs.get('source') or attrs.get('members')}); "
                          "pass --overwrite to replace it")
+    if attrs.get("complete"):
+        return True
     shutil.rmtree(path)
+    return False
 
 
 class StoreWriter:
@@ -107,10 +160,22 @@ class StoreWriter:
             raise ValueError(f"codec={codec!r} is not one of {list(CODECS)}")
         self._level = compression_level
         self._codec = codec
-        prepare_output(self.uri, overwrite=overwrite)
-        Path(local_path(self.uri)).mkdir(parents=True, exist_ok=True)
-        self._kv = open_kvstore(self.uri)
-        self._kv_spec = kvstore_spec(self.uri)
+        final = Path(local_path(self.uri))
+        self._replacing = final if prepare_output(self.uri, overwrite=overwrite) else None
+        if self._replacing is not None:
+            self._path = begin_replacement(final)
+        else:
+            self._path = final
+            final.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start(chunk_values, shard_values, codec)
+        except BaseException:
+            self._discard()
+            raise
+
+    def _start(self, chunk_values: int, shard_values: int, codec: str) -> None:
+        self._kv = open_kvstore(str(self._path))
+        self._kv_spec = kvstore_spec(str(self._path))
         self._root_attrs = {"pertscale_format": FORMAT_NAME, "format_version": FORMAT_VERSION,
                             "complete": False, "source": self.source}
         write_json(self._kv, "zarr.json", group_meta(self._root_attrs))
@@ -133,6 +198,8 @@ class StoreWriter:
         self._stats = {name: np.zeros(g, np.float64) for name in
                        ("sum", "sum_sq", "seurat_sum", "seurat_sum_sq")}
         self._stats["nnz"] = np.zeros(g, np.int64)
+        # NOTE: 8 bytes per cell: duplicate cell ids across blocks are found at close
+        self._id_hashes: list[np.ndarray] = []
         self._closed = False
 
     def _array(self, path: str, dtype: Any, *, table: bool = False,
@@ -157,6 +224,7 @@ class StoreWriter:
         if n == 0:
             return
         obs = self._check_obs(obs, n)
+        self._id_hashes.append(pd.util.hash_array(obs.index.astype(str).to_numpy(object)))
         row_sums = np.asarray(csr.sum(axis=1, dtype=np.float64)).reshape(-1)
         self._accumulate(csr, row_sums)
         self._indices.append(csr.indices.astype(np.int32, copy=False))
@@ -208,6 +276,9 @@ class StoreWriter:
             obs = pd.DataFrame(index=pd.RangeIndex(self.n_cells, self.n_cells + n).astype(str))
         if len(obs) != n:
             raise ValueError(f"{self._label}obs has {len(obs)} rows for a block of {n} cells")
+        ids = obs.index.astype(str)
+        if ids.has_duplicates:
+            _refuse_duplicates(self._label, ids[ids.duplicated(keep=False)])
         # NOTE: n_counts is the sum of the stored values; a source column of that name is kept
         # as n_counts_source rather than silently replaced.
         obs = obs.rename(columns={N_COUNTS: f"{N_COUNTS}_source"})
@@ -242,6 +313,7 @@ class StoreWriter:
         obs_enc = {}
         for name, sink in self._obs.items():
             obs_enc[name], manifest[sink.path] = sink.close()
+        self._check_unique_ids()
         var_enc = self._write_var(manifest)
         for name, values in self._stats.items():
             arr = self._array(f"{STATS_DIR}/{name}", values.dtype, table=True)
@@ -257,21 +329,38 @@ class StoreWriter:
             {"fields": list(self._stats), "seurat_values":
              f"normalize_total(target_sum={SEURAT_TARGET_SUM:g})" if self.raw_counts
              else "expm1(X)", "seurat_target_sum": SEURAT_TARGET_SUM}))
-        fingerprint = hashlib.sha256()
-        for path in sorted(manifest):
-            for entry in manifest[path]:
-                fingerprint.update(f"{entry['key']} {entry['sha256']}\n".encode())
+        metadata = {key: hashlib.sha256(bytes(self._kv.read(key).result().value)).hexdigest()
+                    for key in metadata_keys(self._kv)}
         attrs = {
             **self._root_attrs, **self._extra_attrs,
             "n_cells": self.n_cells, "n_genes": self.n_genes, "nnz": self.nnz,
             "raw_counts": self.raw_counts, "value_dtype": "float32",
             "stats": STATS_DIR, "tool": f"pertscale {pertscale.__version__}",
-            "manifest": manifest, "fingerprint": fingerprint.hexdigest(), "complete": True,
+            "manifest": manifest, "metadata": metadata, "complete": True,
         }
+        attrs["fingerprint"] = content_fingerprint(attrs)
         # NOTE: the commit point. Shards were written by tensorstore's file driver (which
         # fsyncs); the root zarr.json is replaced atomically and only now says complete.
         write_json(self._kv, "zarr.json", group_meta(attrs))
+        if self._replacing is not None:
+            swap_in(self._path, self._replacing)
         return attrs
+
+    def _check_unique_ids(self) -> None:
+        """Cell ids are unique across blocks: equal 64-bit hashes are confirmed on the stored
+        ids (read back only then) and real duplicates refused, naming them."""
+        hashes = np.concatenate(self._id_hashes)
+        order = np.argsort(hashes, kind="stable")
+        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
+        if same.size == 0:
+            return
+        rows = np.unique(np.concatenate([order[same], order[same + 1]]))
+        read = lambda name, dtype: ts.open(array_spec(
+            self._kv_spec, f"obs/{INDEX_COLUMN}/{name}", dtype, shard_values=1, chunk_values=1,
+            create=False), open=True, read=True).result().read().result()
+        ids = pd.Index(decode_strings(read("offsets", np.int64), read("bytes", np.uint8))[rows])
+        if ids.has_duplicates:
+            _refuse_duplicates(self._label, ids[ids.duplicated(keep=False)])
 
     def _write_var(self, manifest: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         enc = {}
@@ -289,9 +378,27 @@ class StoreWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            self._discard()
+            return
+        try:
             self.close()
-        # on an exception the store stays incomplete: open_store refuses it, a rerun restarts
+        except BaseException:
+            self._discard()
+            raise
+
+    def _discard(self) -> None:
+        """After a failure: a replacement's staging folder is removed (the old store stays as
+        it was); a new store stays incomplete (open_store refuses it, a rerun restarts)."""
+        if self._replacing is not None and self._path.exists():
+            shutil.rmtree(self._path, ignore_errors=True)
+
+
+def _refuse_duplicates(label: str, duplicated: pd.Index) -> None:
+    names = sorted(set(duplicated))
+    raise ValueError(f"{label}cell id(s) {names[:5]} appear more than once ({len(names)} ids "
+                     f"shared by {len(duplicated)} cells); cell ids must be unique (e.g. "
+                     f"anndata's obs_names_make_unique() before ingest)")
 
 
 def _gene_stats_kernel(indptr, indices, data, row_scale, raw_counts, total, total_sq, nnz,

@@ -58,10 +58,17 @@ def test_unknown_key_lists_valid_keys_with_section_path():
     ({"inner": {"stage": True}}, r"must be an integer"),
     ({"tags": "t"}, r"tags='t' must be a list"),
     ({"inner": 3}, r"inner must be a table"),
+    ({"inner": {"lr": float("nan")}}, r"inner.lr=nan is not a finite number"),
+    ({"inner": {"lr": float("inf")}}, r"inner.lr=inf is not a finite number"),
 ])
 def test_bad_values_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(Outer, data)
+
+
+def test_range_check_refuses_non_finite_values():
+    with pytest.raises(ConfigError, match=r"x=nan is not a finite number"):
+        check_range("x", float("nan"), 0.0, 1.0)
 
 
 def test_overrides_parse_toml_literals_and_set_nested_keys():

@@ -149,6 +149,26 @@ def test_filter_covariate_and_sign_columns(tmp_path):
         load_perturbation_data(src, PerturbationConfig(covariate_column="perturbation"))
 
 
+def test_missing_labels_are_refused_naming_a_cell(tmp_path):
+    """A missing perturbation (or covariate) label is an error, never the gene "nan"."""
+    x = _counts()[:20]
+    obs = pd.DataFrame({"perturbation": pd.Categorical(["ctrl"] * 10 + ["A"] * 6 + [np.nan] * 4),
+                        "cell_type": [None] + ["t1"] * 19}, index=[f"c{i}" for i in range(20)])
+    var = pd.DataFrame({"gene_symbol": [f"G{i}" for i in range(30)]}, index=[f"G{i}" for i in range(30)])
+    with StoreWriter(tmp_path / "s", var=var, raw_counts=False) as w:
+        w.append(sp.csr_matrix(x), obs)
+    src = open_store(tmp_path / "s")
+    with pytest.raises(ValueError, match=r"4 cell\(s\) have no perturbation label .*'c16'"):
+        load_perturbation_data(src, PerturbationConfig())
+    fixed = PerturbationConfig(filter_column="perturbation", filter_values=["ctrl", "A"],
+                               covariate_column="cell_type")
+    with pytest.raises(ValueError, match=r"1 cell\(s\) have no cell_type label .*'c0'"):
+        load_perturbation_data(src, fixed)
+    ok = load_perturbation_data(src, PerturbationConfig(filter_column="perturbation",
+                                                        filter_values=["ctrl", "A"]))
+    assert sorted(ok.perturbations) == ["A", "ctrl"]
+
+
 def test_config_validation():
     with pytest.raises(ConfigError, match="together"):
         PerturbationConfig(filter_column="dataset")

@@ -117,3 +117,22 @@ def test_collection_hvgs_equal_scanpy_on_union(collection):
     ours = highly_variable_genes(coll, "seurat", n_top_genes=2, n_bins=2)
     np.testing.assert_array_equal(ours["highly_variable"].to_numpy(), ref["highly_variable"])
     np.testing.assert_allclose(ours["means"], ref["means"], rtol=1e-5)
+
+
+def test_failed_overwrite_of_a_collection_keeps_it(collection):
+    """--overwrite writes the new collection beside the old one: a member that fails half way
+    leaves the old collection as it was (same fingerprint, verified), and no staging folder."""
+    tmp_path, _, _ = collection
+    fp = open_store(tmp_path / "c").fingerprint
+    bad = tmp_path / "bad.h5ad"
+    X = sp.csr_matrix(np.array([[1.0, -2.0], [0.0, 3.0]], dtype=np.float32))
+    ad.AnnData(X, obs=pd.DataFrame({"condition": ["ctrl", "ctrl"]}, index=["x0", "x1"]),
+               var=pd.DataFrame(index=["G1", "G2"])).write_h5ad(bad)
+    cfg = IngestConfig(chunk_values=32, shard_values=128, block_rows=16, overwrite=True)
+    with pytest.raises(ValueError, match="negative"):
+        ingest([tmp_path / "a.h5ad", bad], tmp_path / "c", cfg)
+    assert open_store(tmp_path / "c").fingerprint == fp and verify_store(tmp_path / "c").ok
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    ingest([tmp_path / "b.h5ad", tmp_path / "a.h5ad"], tmp_path / "c", cfg)
+    assert open_store(tmp_path / "c").fingerprint != fp
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

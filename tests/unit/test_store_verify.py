@@ -59,3 +59,50 @@ def test_incomplete_store_fails_verify(store_path):
     (store_path / "zarr.json").write_text(meta)
     report = verify_store(store_path)
     assert not report.ok and "incomplete" in report.problems[0]
+
+
+def test_deleted_shard_makes_reads_raise_naming_it(store_path):
+    """A committed store has every chunk: a missing one is an error, never zeros."""
+    (store_path / "X/data/c/2").unlink()
+    store = open_store(store_path)
+    with pytest.raises(StoreError, match=r"reading cells \[0, 400\).*X/data/c/2.*missing"):
+        store.read_csr(0, 400)
+    (store_path / "obs/c/c/0").unlink()
+    with pytest.raises(StoreError, match=r"cannot read array obs/c"):
+        _ = open_store(store_path).obs
+
+
+def test_edited_obs_metadata_changes_fingerprint_and_fails_verify(store_path):
+    before = open_store(store_path).fingerprint
+    doc = store_path / "obs/zarr.json"
+    text = doc.read_text()
+    assert '"a"' in text
+    doc.write_text(text.replace('"a"', '"renamed"'))
+    store = open_store(store_path)
+    assert set(store.obs["c"].cat.categories) == {"renamed", "b"}
+    assert store.fingerprint != before
+    assert verify_store(store_path).problems == [
+        "metadata document obs/zarr.json was changed after the commit (sha256 mismatch)"]
+
+
+def test_edited_root_attribute_fails_verify(store_path):
+    doc = store_path / "zarr.json"
+    text = doc.read_text()
+    assert '"raw_counts": true' in text
+    doc.write_text(text.replace('"raw_counts": true', '"raw_counts": false'))
+    assert verify_store(store_path).problems == [
+        "root attributes (zarr.json) were changed after the commit (fingerprint mismatch)"]
+
+
+def test_fingerprint_is_content_not_provenance(tmp_path):
+    """The same cells written twice (other source label, other folder) share a fingerprint."""
+    X = sp.csr_matrix(np.eye(6, 4, dtype=np.float32))
+    var = pd.DataFrame(index=[f"g{i}" for i in range(4)])
+    obs = pd.DataFrame({"c": list("aabbcc")}, index=[f"c{i}" for i in range(6)])
+    prints = []
+    for name in ("one", "two"):
+        with StoreWriter(tmp_path / name, var=var, raw_counts=True, source={"file": name}) as w:
+            w.append(X, obs)
+        prints.append(open_store(tmp_path / name).fingerprint)
+        assert verify_store(tmp_path / name).ok
+    assert prints[0] == prints[1]

@@ -225,3 +225,48 @@ def test_unknown_codec_names_the_choices(tmp_path):
     with pytest.raises(ValueError, match=r"codec='gzip' is not one of \['zstd', 'lz4'\]"):
         StoreWriter(tmp_path / "s", var=make_var(4), raw_counts=True, codec="gzip")
     assert not (tmp_path / "s").exists()
+
+
+def test_failed_or_interrupted_overwrite_leaves_the_old_store(tmp_path):
+    """The replacement is written beside the old store and swapped in only once committed:
+    refused parameters, a bad block or Ctrl-C on the way leave the old store intact, readable
+    and verified, with no staging folder left behind."""
+    from pertscale.store.verify import verify_store
+
+    out = tmp_path / "s"
+    old = make_counts(30, 8)
+    fingerprint = write(out, old).fingerprint
+    with pytest.raises(ValueError):  # tensorstore: a shard that is not whole chunks
+        StoreWriter(out, var=make_var(8), raw_counts=True, overwrite=True, chunk_values=64,
+                    shard_values=100)
+    bad = make_counts(20, 8).astype(np.float32)
+    bad.data[0] = -1.0
+    with pytest.raises(ValueError, match="negative"):
+        write(out, sp.vstack([make_counts(20, 8), bad]).tocsr(), block=20, overwrite=True)
+    with (pytest.raises(KeyboardInterrupt),
+          StoreWriter(out, var=make_var(8), raw_counts=True, overwrite=True) as w):
+        w.append(make_counts(10, 8))
+        raise KeyboardInterrupt
+    store = open_store(out)
+    assert store.fingerprint == fingerprint and verify_store(out).ok
+    np.testing.assert_array_equal(store.read_csr(0, 30).toarray(), old.toarray())
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+    new = make_counts(40, 8, seed=1)
+    np.testing.assert_array_equal(write(out, new, overwrite=True).read_csr(0, 40).toarray(),
+                                  new.toarray())
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_duplicate_cell_ids_are_refused_within_and_across_blocks(tmp_path):
+    X = make_counts(40, 8)
+    obs = make_obs(40)
+    within = obs.rename(index={"cell3": "cell1"})
+    with pytest.raises(ValueError, match=r"cell id\(s\) \['cell1'\] appear more than once"):
+        write(tmp_path / "a", X, within, block=40)
+    across = obs.rename(index={"cell30": "cell2", "cell31": "cell5"})  # blocks of 20 cells
+    with pytest.raises(ValueError, match=r"\['cell2', 'cell5'\] appear more than once \(2 ids "
+                                         r"shared by 4 cells\)"):
+        write(tmp_path / "b", X, across, block=20)
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(tmp_path / "b")  # nothing was committed
+    assert write(tmp_path / "c", X, obs, block=20).n_cells == 40
