@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,8 @@ from pertscale.store.reader import CellStore, open_store
 from pertscale.store.vocab import GeneVocab, union_genes
 
 __all__ = ["DATASET_COLUMN", "CellCollection", "write_collection"]
+
+log = logging.getLogger(__name__)
 
 DATASET_COLUMN = "dataset"  # obs column naming each cell's member (added when members lack it)
 
@@ -186,6 +189,16 @@ class CellCollection:
         out = pd.concat(frames, axis=0)
         for c, dtype in dtypes.items():
             out[c] = out[c].astype(object).astype(dtype)
+        if out.index.has_duplicates:
+            # NOTE: collections share barcodes (CELLxGENE); ids are unique within a member
+            # (the writer refuses duplicates), so "<member>:<id>" is unique in the collection.
+            names = [_member_name(p) for p in self.member_paths]
+            if len(set(names)) < len(names):
+                names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.member_paths]
+            out.index = pd.Index([f"{name}:{i}" for name, f in zip(names, frames)
+                                  for i in f.index.astype(str)], dtype=object)
+            log.info("collection %s: cell ids repeat across members; obs ids are prefixed "
+                     "with the member name (<member>:<id>)", self.uri)
         return out
 
     def read_stats(self) -> dict[str, np.ndarray]:

@@ -136,3 +136,19 @@ def test_failed_overwrite_of_a_collection_keeps_it(collection):
     ingest([tmp_path / "b.h5ad", tmp_path / "a.h5ad"], tmp_path / "c", cfg)
     assert open_store(tmp_path / "c").fingerprint != fp
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_barcodes_shared_across_members_are_prefixed_by_member(tmp_path):
+    """CELLxGENE files share barcodes: within a member ids are unique (the writer refuses
+    duplicates); across members the collection's obs ids become <member>:<id>."""
+    for name, seed in (("d1", 0), ("d2", 1)):
+        rng = np.random.default_rng(seed)
+        ad.AnnData(sp.csr_matrix(rng.poisson(1.0, (5, 3)).astype(np.float32)),
+                   obs=pd.DataFrame({"condition": ["ctrl"] * 5},
+                                    index=[f"AAAC-{i}" for i in range(5)]),
+                   var=pd.DataFrame(index=["G1", "G2", "G3"])).write_h5ad(tmp_path / f"{name}.h5ad")
+    ingest([tmp_path / "d1.h5ad", tmp_path / "d2.h5ad"], tmp_path / "c", IngestConfig())
+    obs = open_store(tmp_path / "c").obs
+    assert obs.index.is_unique and len(obs) == 10
+    assert list(obs.index[:2]) == ["d1:AAAC-0", "d1:AAAC-1"] and obs.index[5] == "d2:AAAC-0"
+    assert obs["dataset"].tolist() == ["d1"] * 5 + ["d2"] * 5
