@@ -202,7 +202,14 @@ class CellLoader:
         self.blocks_in_flight = blocks_in_flight
         self.prefetch_batches = prefetch_batches
         self.obs_columns = list(obs_columns)
-        self._obs = _obs_arrays(self.store.obs, self.obs_columns, self.store_uri)
+        # NOTE: only the asked-for columns are read and decoded (no cell ids, no other column)
+        names = self.store.obs_column_names
+        missing = [c for c in self.obs_columns if c not in names]
+        if missing:
+            raise ValueError(f"obs column(s) {missing} not in store {self.store_uri}; it has "
+                             f"{names}")
+        self._obs = _obs_arrays(self.store.read_obs(self.obs_columns, index=False),
+                                self.obs_columns, self.store_uri)
         self._epoch = int(epoch)
         self._batches_emitted = 0
         self._active: tuple[threading.Thread, threading.Event] | None = None

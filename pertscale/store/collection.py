@@ -166,29 +166,28 @@ class CellCollection:
     def obs(self) -> pd.DataFrame:
         """Members' obs concatenated (categories unioned); a "dataset" column names the member
         of each cell where the members do not carry one."""
+        return self.read_obs()
+
+    @functools.cached_property
+    def obs_column_names(self) -> list[str]:
+        """Union of the members' obs columns, and the "dataset" column."""
+        names = [c for s in self.members for c in s.obs_column_names]
+        return list(dict.fromkeys([*names, DATASET_COLUMN]))
+
+    def read_obs(self, columns: list[str] | None = None, *, index: bool = True) -> pd.DataFrame:
+        """Members' obs (only `columns`, None = all; cell ids only when `index`), concatenated
+        with categories unioned."""
         frames = []
         for path, store in zip(self.member_paths, self.members):
-            obs = store.obs.copy()
-            if DATASET_COLUMN not in obs.columns:
+            own = None if columns is None else [c for c in columns
+                                                 if c in store.obs_column_names]
+            obs = store.read_obs(own, index=index)
+            if DATASET_COLUMN not in obs.columns and (columns is None or DATASET_COLUMN in columns):
                 obs[DATASET_COLUMN] = _member_name(path)
             frames.append(obs)
-        columns = list(dict.fromkeys(c for f in frames for c in f.columns))
-        dtypes = {}
-        for c in columns:
-            present = [f[c] for f in frames if c in f.columns]
-            if all(pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)
-                   for s in present):
-                continue
-            cats = dict.fromkeys(v for s in present for v in (
-                s.cat.categories if isinstance(s.dtype, pd.CategoricalDtype)
-                else pd.unique(s.dropna())))
-            dtypes[c] = pd.CategoricalDtype(list(cats))
-            for f in frames:
-                if c in f.columns:
-                    f[c] = f[c].astype(object).astype(dtypes[c])
-        out = pd.concat(frames, axis=0)
-        for c, dtype in dtypes.items():
-            out[c] = out[c].astype(object).astype(dtype)
+        out = _concat_obs(frames)
+        if not index:
+            return out.set_axis(pd.RangeIndex(len(out)))
         if out.index.has_duplicates:
             # NOTE: collections share barcodes (CELLxGENE); ids are unique within a member
             # (the writer refuses duplicates), so "<member>:<id>" is unique in the collection.
@@ -215,3 +214,25 @@ class CellCollection:
         s = self.read_stats()
         return pd.DataFrame({"sum": s["sum"], "sum_sq": s["sum_sq"], "nnz": s["nnz"]},
                             index=self.var.index)
+
+
+def _concat_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Row-concatenate member obs tables; string/categorical columns share unioned categories."""
+    columns = list(dict.fromkeys(c for f in frames for c in f.columns))
+    dtypes = {}
+    for c in columns:
+        present = [f[c] for f in frames if c in f.columns]
+        if all(pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)
+               for s in present):
+            continue
+        cats = dict.fromkeys(v for s in present for v in (
+            s.cat.categories if isinstance(s.dtype, pd.CategoricalDtype)
+            else pd.unique(s.dropna())))
+        dtypes[c] = pd.CategoricalDtype(list(cats))
+        for f in frames:
+            if c in f.columns:
+                f[c] = f[c].astype(object).astype(dtypes[c])
+    out = pd.concat(frames, axis=0)
+    for c, dtype in dtypes.items():
+        out[c] = out[c].astype(object).astype(dtype)
+    return out

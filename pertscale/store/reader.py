@@ -183,16 +183,40 @@ class CellStore:
         return self.read_csr_async(start, stop).result()
 
     # --- tables ----------------------------------------------------------------------------
-    def _read_table(self, group: str) -> pd.DataFrame:
+    def _read_table(self, group: str, columns: list[str] | None = None, *,
+                    index: bool = True) -> pd.DataFrame:
+        """The table `group` (obs / var): all columns or only `columns`, with its index (ids)
+        or a RangeIndex; only the arrays of what is asked for are read and decoded."""
         meta = read_json(open_kvstore(self.uri), f"{group}/zarr.json")
         if meta is None:
             raise StoreError(f"store {self.uri}: {group}/zarr.json is missing")
         attrs = meta["attributes"]
         read = lambda name: self.read_array(f"{group}/{name}")
         encs = attrs["encodings"]
-        index = pd.Index(decode_column(encs[INDEX_COLUMN], read, INDEX_COLUMN), dtype=object)
-        cols = {name: decode_column(encs[name], read, name) for name in attrs["columns"]}
-        return pd.DataFrame(cols, index=index)
+        names = list(attrs["columns"]) if columns is None else list(columns)
+        missing = [c for c in names if c not in attrs["columns"]]
+        if missing:
+            raise ValueError(f"{group} column(s) {missing} not in store {self.uri}; it has "
+                             f"{list(attrs['columns'])}")
+        cols = {name: decode_column(encs[name], read, name) for name in names}
+        if not index:
+            n = self.n_cells if group == "obs" else self.n_genes
+            return pd.DataFrame(cols, index=pd.RangeIndex(n))
+        ids = pd.Index(decode_column(encs[INDEX_COLUMN], read, INDEX_COLUMN), dtype=object)
+        return pd.DataFrame(cols, index=ids)
+
+    @functools.cached_property
+    def obs_column_names(self) -> list[str]:
+        """Names of the obs columns (from obs/zarr.json; nothing decoded)."""
+        meta = read_json(open_kvstore(self.uri), "obs/zarr.json")
+        if meta is None:
+            raise StoreError(f"store {self.uri}: obs/zarr.json is missing")
+        return list(meta["attributes"]["columns"])
+
+    def read_obs(self, columns: list[str] | None = None, *, index: bool = True) -> pd.DataFrame:
+        """obs with only `columns` (None = all), and without the cell ids when not `index`:
+        what a loader rank needs, without decoding the rest."""
+        return self._read_table("obs", columns, index=index)
 
     @functools.cached_property
     def obs(self) -> pd.DataFrame:

@@ -288,3 +288,19 @@ def test_bench_loader_command_writes_its_table(tmp_path, capsys):
     assert row["cells_per_s"] > 0 and row["peak_rss_mb"] > 0
     assert result["ceiling"]["cells"] == 3000
     assert "pertscale 32x8" in capsys.readouterr().out
+
+
+def test_a_rank_reads_only_the_obs_columns_it_carries(tmp_path, cells):
+    """The loader decodes neither the cell ids nor other obs columns: with their arrays gone
+    it still streams the same batches (the full obs table would fail to read)."""
+    import shutil
+
+    from pertscale.store import StoreError, open_store
+
+    uri = write_store(tmp_path / "c.zarr", *cells)
+    expected = stream(CellLoader(uri, obs_columns=["perturbation"], **LOADER))
+    shutil.rmtree(tmp_path / "c.zarr" / "obs" / "_index")
+    shutil.rmtree(tmp_path / "c.zarr" / "obs" / "dose")
+    assert_same_stream(stream(CellLoader(uri, obs_columns=["perturbation"], **LOADER)), expected)
+    with pytest.raises(StoreError, match="cannot read array obs/"):
+        _ = open_store(uri).obs
