@@ -162,12 +162,13 @@ def export_npy(uri: str, out_dir: Path, *, range_cells: int = 8192) -> None:
 
     store = open_store(uri)
     out_dir.mkdir(parents=True, exist_ok=True)
-    np.save(out_dir / "indptr.npy", store.indptr)
+    indptr = store.read_indptr(0, store.n_cells)
+    np.save(out_dir / "indptr.npy", indptr)
     indices = np.lib.format.open_memmap(out_dir / "indices.npy", "w+", np.int32, (store.nnz,))
     data = np.lib.format.open_memmap(out_dir / "data.npy", "w+", np.float32, (store.nnz,))
     for a in range(0, store.n_cells, range_cells):
         x = store.read_csr(a, min(a + range_cells, store.n_cells))
-        lo, hi = store.indptr[a], store.indptr[min(a + range_cells, store.n_cells)]
+        lo, hi = indptr[a], indptr[min(a + range_cells, store.n_cells)]
         indices[lo:hi], data[lo:hi] = x.indices, x.data
     indices.flush()
     data.flush()

@@ -8,6 +8,7 @@ maps each member's gene indices into the union space; rows come back with sorted
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 import logging
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import tensorstore as ts
 
 from pertscale.store.format import (
     COLLECTION_NAME,
@@ -34,6 +36,7 @@ __all__ = ["DATASET_COLUMN", "CellCollection", "write_collection"]
 
 log = logging.getLogger(__name__)
 
+OPEN_THREADS = 16  # members opened at once
 DATASET_COLUMN = "dataset"  # obs column naming each cell's member (added when members lack it)
 
 
@@ -106,13 +109,18 @@ class CellCollection:
     def __init__(self, uri: str, attrs: dict[str, Any], *, cache_bytes: int = 64 << 20):
         self.uri = uri
         self.attrs = attrs
-        self.members: list[CellStore] = []
-        for m in attrs["members"]:
-            store = open_store(join_uri(uri, m["path"]), cache_bytes=cache_bytes)
+        # NOTE: one tensorstore context (one cache pool) for all members, opened concurrently
+        context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+
+        def open_member(m: dict[str, Any]) -> CellStore:
+            store = open_store(join_uri(uri, m["path"]), context=context)
             if store.fingerprint != m["fingerprint"]:
                 raise StoreError(f"collection {uri}: member {m['path']} changed after the "
                                  "collection was written (fingerprint mismatch)")
-            self.members.append(store)
+            return store
+
+        with concurrent.futures.ThreadPoolExecutor(OPEN_THREADS) as pool:
+            self.members = list(pool.map(open_member, attrs["members"]))
         self.member_paths = [m["path"] for m in attrs["members"]]
         self.n_cells = int(attrs["n_cells"])
         self.n_genes = int(attrs["n_genes"])
@@ -124,9 +132,7 @@ class CellCollection:
         self.gene_maps = [np.array([pos[g] for g in s.var.index], dtype=np.int32)
                           for s in self.members]
         self.cell_offsets = np.cumsum([0] + [s.n_cells for s in self.members])
-        nnz_offsets = np.cumsum([0] + [s.nnz for s in self.members])
-        self.indptr = np.concatenate([s.indptr[:-1] + o for s, o in
-                                      zip(self.members, nnz_offsets)] + [[self.nnz]])
+        self._nnz_offsets = np.cumsum([0] + [s.nnz for s in self.members])
 
     def __repr__(self) -> str:
         return (f"CellCollection({self.uri!r}, {len(self.members)} members, "
@@ -151,6 +157,22 @@ class CellCollection:
 
     def read_csr(self, start: int, stop: int) -> sp.csr_matrix:
         return self.read_csr_async(start, stop).result()
+
+    def read_indptr(self, start: int, stop: int) -> np.ndarray:
+        """int64 row pointers of cells [start, stop] in the collection's nonzero order."""
+        start, stop = int(start), int(stop)
+        if not 0 <= start <= stop <= self.n_cells:
+            raise ValueError(f"cell range [{start}, {stop}] is outside [0, {self.n_cells}] "
+                             f"of collection {self.uri}")
+        parts = []
+        for i, store in enumerate(self.members):
+            a, b = max(start, self.cell_offsets[i]), min(stop, self.cell_offsets[i + 1] - 1)
+            if a <= b:
+                off = self.cell_offsets[i]
+                parts.append(store.read_indptr(a - off, b - off) + self._nnz_offsets[i])
+        if stop == self.n_cells:
+            parts.append(np.array([self.nnz], np.int64))
+        return np.concatenate(parts)
 
     @functools.cached_property
     def var(self) -> pd.DataFrame:

@@ -1,12 +1,14 @@
 """Reading cell stores through tensorstore: `open_store(uri)` -> CellStore (or CellCollection).
 
-The row pointers are held in memory after open; `read_csr_async(start, stop)` issues the
-`X/indices` and `X/data` reads for the nonzeros of cells [start, stop) as tensorstore futures,
-so many block reads can be in flight at once (the loader overlaps them with compute).
+`read_csr_async(start, stop)` reads the row pointers of cells [start, stop] (through the
+tensorstore cache: the whole X/indptr is never held, so memory does not grow with the store)
+and issues the `X/indices` and `X/data` reads for their nonzeros as tensorstore futures, so
+many block reads can be in flight at once (the loader overlaps them with compute).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import hashlib
 from typing import Any
@@ -67,45 +69,69 @@ def read_store_attrs(uri: str) -> dict[str, Any]:
     return attrs
 
 
-def open_store(uri: Any, *, cache_bytes: int = DEFAULT_CACHE_BYTES) -> CellStore:
-    """Open a committed store or collection at a local path, s3:// or gs:// uri."""
+def open_store(uri: Any, *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+               context: ts.Context | None = None) -> CellStore:
+    """Open a committed store or collection at a local path, s3:// or gs:// uri. `context`:
+    a tensorstore context to share (its cache pool bounds the cache of every store using it);
+    default: a new one with a `cache_bytes` pool."""
     uri = str(uri)
     attrs = read_store_attrs(uri)
     if attrs["pertscale_format"] == COLLECTION_NAME:
         from pertscale.store.collection import CellCollection
         return CellCollection(uri, attrs, cache_bytes=cache_bytes)
-    return CellStore(uri, attrs, cache_bytes=cache_bytes)
+    return CellStore(uri, attrs, cache_bytes=cache_bytes, context=context)
 
 
 class CsrFuture:
-    """Pending read of cells [start, stop); `.result()` assembles the csr_matrix."""
+    """Pending read of cells [start, stop); `.result()` assembles the csr_matrix.
 
-    def __init__(self, indptr: np.ndarray, n_genes: int, indices: Any, data: Any,
-                 where: str = ""):
-        self._indptr, self._n_genes = indptr, n_genes
-        self._indices, self._data = indices, data
-        self._where = where
+    The row pointers are read first (asynchronously); when they arrive, a tensorstore callback
+    issues the X/indices and X/data reads of their nonzeros, so no call blocks before
+    `result()` and many reads stay in flight."""
+
+    def __init__(self, store: CellStore, start: int, stop: int):
+        self._n_genes, self._n = store.n_genes, stop - start
+        self._where = f"store {store.uri}: reading cells [{start}, {stop})"
+        self._issued: concurrent.futures.Future = concurrent.futures.Future()
+        self._data: tuple[Any, Any] | None = None
+
+        def issue(ptr_future: Any) -> None:
+            try:
+                ptr = ptr_future.result().astype(np.int64, copy=False)
+                lo, hi = int(ptr[0]), int(ptr[-1])
+                reads = ((store._indices[lo:hi].read(), store._data[lo:hi].read())
+                         if hi > lo else None)
+                self._issued.set_result((ptr - lo, reads))
+            except BaseException as e:  # noqa: BLE001 - handed to result()
+                self._issued.set_exception(e)
+
+        store._indptr[start:stop + 1].read().add_done_callback(issue)
 
     def done(self) -> bool:
-        return all(f is None or f.done() for f in (self._indices, self._data))
+        if not self._issued.done():
+            return False
+        if self._issued.exception() is not None:
+            return True
+        reads = self._issued.result()[1]
+        return reads is None or all(f.done() for f in reads)
 
     def result(self) -> sp.csr_matrix:
-        n = len(self._indptr) - 1
-        if self._indices is None:
-            indices, data = np.zeros(0, np.int32), np.zeros(0, np.float32)
-        else:
-            try:
-                indices, data = self._indices.result(), self._data.result()
-            except ValueError as e:  # a failed checksum, a missing or unreadable shard
-                raise StoreError(f"{self._where}: {e} (run `pertscale verify` on the store)") \
-                    from e
-        return sp.csr_matrix((data, indices, self._indptr), shape=(n, self._n_genes), copy=False)
+        try:
+            indptr, reads = self._issued.result()
+            if reads is None:
+                indices, data = np.zeros(0, np.int32), np.zeros(0, np.float32)
+            else:
+                indices, data = reads[0].result(), reads[1].result()
+        except ValueError as e:  # a failed checksum, a missing or unreadable shard
+            raise StoreError(f"{self._where}: {e} (run `pertscale verify` on the store)") from e
+        return sp.csr_matrix((data, indices, indptr), shape=(self._n, self._n_genes), copy=False)
 
 
 class CellStore:
     """A committed cell store (format v1). Attributes follow the store contract in DESIGN.md."""
 
-    def __init__(self, uri: str, attrs: dict[str, Any], *, cache_bytes: int = DEFAULT_CACHE_BYTES):
+    def __init__(self, uri: str, attrs: dict[str, Any], *, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 context: ts.Context | None = None):
         self.uri = uri
         self.attrs = attrs
         self.n_cells = int(attrs["n_cells"])
@@ -113,14 +139,16 @@ class CellStore:
         self.nnz = int(attrs["nnz"])
         self.raw_counts = bool(attrs["raw_counts"])
         self._kv_spec = kvstore_spec(uri)
-        self._context = ts.Context({"cache_pool": {"total_bytes_limit": cache_bytes}})
+        self._context = context if context is not None else ts.Context(
+            {"cache_pool": {"total_bytes_limit": cache_bytes}})
         self._indices = self._open(X_INDICES)
         self._data = self._open(X_DATA)
-        self.indptr = self.read_array(X_INDPTR).astype(np.int64, copy=False)
-        if len(self.indptr) != self.n_cells + 1 or self.indptr[-1] != self.nnz:
-            raise StoreError(f"store {uri}: X/indptr ({len(self.indptr)} entries, last "
-                             f"{self.indptr[-1]}) disagrees with n_cells={self.n_cells}, "
-                             f"nnz={self.nnz}")
+        self._indptr = self._open(X_INDPTR)
+        n = int(self._indptr.shape[0])
+        last = int(self._read(self._indptr[n - 1:n], X_INDPTR)[0]) if n else -1
+        if n != self.n_cells + 1 or last != self.nnz:
+            raise StoreError(f"store {uri}: X/indptr ({n} entries, last {last}) disagrees "
+                             f"with n_cells={self.n_cells}, nnz={self.nnz}")
 
     @functools.cached_property
     def fingerprint(self) -> str:
@@ -147,6 +175,9 @@ class CellStore:
         # NOTE: every chunk of a committed store exists; a missing one is an error, not zeros
         # (tensorstore's default fills missing chunks with the fill value).
         spec["fill_missing_data_reads"] = False
+        # NOTE: a committed store never changes: cached chunks need no revalidation per read
+        spec["recheck_cached_data"] = "open"
+        spec["recheck_cached_metadata"] = "open"
         try:
             return ts.open(spec, open=True, read=True, context=self._context).result()
         except ValueError as e:
@@ -154,10 +185,18 @@ class CellStore:
 
     def read_array(self, path: str) -> np.ndarray:
         """The whole 1-D array at `path` inside the store (metadata tables, statistics)."""
+        return self._read(self._open(path), path)
+
+    def _read(self, view: ts.TensorStore, path: str) -> np.ndarray:
         try:
-            return self._open(path).read().result()
+            return view.read().result()
         except ValueError as e:
             raise StoreError(f"store {self.uri}: cannot read array {path}: {e}") from e
+
+    def read_indptr(self, start: int, stop: int) -> np.ndarray:
+        """int64 row pointers of cells [start, stop]: stop - start + 1 entries."""
+        start, stop = self._check_range(start, stop)
+        return self._read(self._indptr[start:stop + 1], X_INDPTR).astype(np.int64, copy=False)
 
     # --- cells -----------------------------------------------------------------------------
     def _check_range(self, start: int, stop: int) -> tuple[int, int]:
@@ -170,13 +209,7 @@ class CellStore:
     def read_csr_async(self, start: int, stop: int) -> CsrFuture:
         """Start reading cells [start, stop); returns a CsrFuture (`.result()` -> csr_matrix)."""
         start, stop = self._check_range(start, stop)
-        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        indptr = self.indptr[start:stop + 1] - lo
-        if hi == lo:
-            return CsrFuture(indptr, self.n_genes, None, None)
-        return CsrFuture(indptr, self.n_genes, self._indices[lo:hi].read(),
-                         self._data[lo:hi].read(),
-                         where=f"store {self.uri}: reading cells [{start}, {stop})")
+        return CsrFuture(self, start, stop)
 
     def read_csr(self, start: int, stop: int) -> sp.csr_matrix:
         """Cells [start, stop) as a float32 csr_matrix [stop - start, n_genes]."""

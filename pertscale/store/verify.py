@@ -9,6 +9,7 @@ shard file of every problem (missing file, size change, content change).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 from typing import Any
@@ -24,6 +25,8 @@ from pertscale.store.format import (
 from pertscale.store.reader import read_store_attrs
 
 __all__ = ["VerifyReport", "verify_store"]
+
+READS_IN_FLIGHT = 16  # shard files read at once
 
 
 @dataclasses.dataclass
@@ -42,22 +45,33 @@ class VerifyReport:
 
 def _verify_manifest(uri: str, manifest: dict[str, list[dict[str, Any]]],
                      report: VerifyReport, prefix: str = "") -> None:
+    """Hash every shard file, with at most READS_IN_FLIGHT reads outstanding (bounded memory,
+    overlapped I/O), problems in manifest order."""
     kv = open_kvstore(uri)
+    pending: collections.deque = collections.deque()
+
+    def check(array: str, entry: dict[str, Any], future: Any) -> None:
+        key = entry["key"]
+        where = f"array {prefix}{array}: shard {prefix}{key}"
+        res = future.result()
+        if res.state != "value":
+            report.problems.append(f"{where} is missing")
+            return
+        blob = bytes(res.value)
+        report.num_shards += 1
+        report.num_bytes += len(blob)
+        if len(blob) != entry["size"]:
+            report.problems.append(f"{where} has {len(blob)} bytes, expected {entry['size']}")
+        elif hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+            report.problems.append(f"{where} is corrupt (sha256 mismatch)")
+
     for array, entries in sorted(manifest.items()):
         for entry in entries:
-            key = entry["key"]
-            where = f"array {prefix}{array}: shard {prefix}{key}"
-            res = kv.read(key).result()
-            if res.state != "value":
-                report.problems.append(f"{where} is missing")
-                continue
-            blob = bytes(res.value)
-            report.num_shards += 1
-            report.num_bytes += len(blob)
-            if len(blob) != entry["size"]:
-                report.problems.append(f"{where} has {len(blob)} bytes, expected {entry['size']}")
-            elif hashlib.sha256(blob).hexdigest() != entry["sha256"]:
-                report.problems.append(f"{where} is corrupt (sha256 mismatch)")
+            pending.append((array, entry, kv.read(entry["key"])))
+            if len(pending) >= READS_IN_FLIGHT:
+                check(*pending.popleft())
+    while pending:
+        check(*pending.popleft())
 
 
 def verify_store(uri: str) -> VerifyReport:
