@@ -249,9 +249,14 @@ def accumulate_groups(blocks: Iterable[tuple[int, sp.csr_matrix]], codes: np.nda
 
 def welch_t_scores(mean1: np.ndarray, var1: np.ndarray, n1: int,
                    mean0: np.ndarray, var0: np.ndarray, n0: int) -> np.ndarray:
-    """scanpy's t-test scores of group 1 against reference 0 (unequal variances, NaN -> 0)."""
+    """scanpy's t-test scores of group 1 against reference 0 (unequal variances, NaN -> 0):
+    scipy's Welch t from summary statistics, as scanpy computes it."""
+    from scipy.stats import ttest_ind_from_stats
+
     with np.errstate(divide="ignore", invalid="ignore"):
-        scores = (mean1 - mean0) / np.sqrt(var1 / n1 + var0 / n0)
+        scores = ttest_ind_from_stats(mean1, np.sqrt(var1), n1, mean0, np.sqrt(var0), n0,
+                                      equal_var=False).statistic
+    scores = np.asarray(scores, dtype=np.float64)
     scores[np.isnan(scores)] = 0.0
     return scores
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import tensorstore as ts
+from pandas.api.types import union_categoricals
 
 from pertscale.store.format import (
     COLLECTION_NAME,
@@ -247,10 +248,10 @@ def _concat_obs(frames: list[pd.DataFrame]) -> pd.DataFrame:
         if all(pd.api.types.is_numeric_dtype(s.dtype) or pd.api.types.is_bool_dtype(s.dtype)
                for s in present):
             continue
-        cats = dict.fromkeys(v for s in present for v in (
-            s.cat.categories if isinstance(s.dtype, pd.CategoricalDtype)
-            else pd.unique(s.dropna())))
-        dtypes[c] = pd.CategoricalDtype(list(cats))
+        union = union_categoricals([s if isinstance(s.dtype, pd.CategoricalDtype)
+                                    else s.astype("category") for s in present],
+                                   ignore_order=True)
+        dtypes[c] = pd.CategoricalDtype(list(union.categories))
         for f in frames:
             if c in f.columns:
                 f[c] = f[c].astype(object).astype(dtypes[c])

@@ -10,7 +10,6 @@ string) as zarr arrays.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 from pathlib import Path
@@ -216,10 +215,14 @@ def array_spec(kv_spec: dict[str, Any], path: str, dtype: np.dtype, *, shard_val
 
 
 def decode_strings(offsets: np.ndarray, data: np.ndarray) -> np.ndarray:
-    """Object array of str from utf-8 bytes + int64 offsets."""
-    raw = data.tobytes()
-    return np.array([raw[a:b].decode("utf-8") for a, b in itertools.pairwise(offsets)],
-                    dtype=object)
+    """Object array of str from utf-8 bytes + int64 offsets (one pyarrow large_string array
+    over the two buffers, no per-string Python slicing)."""
+    import pyarrow as pa
+
+    offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+    arr = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets),
+                                           pa.py_buffer(np.ascontiguousarray(data, np.uint8)))
+    return arr.to_numpy(zero_copy_only=False).astype(object)
 
 
 def decode_column(enc: dict[str, Any], read: Any, name: str) -> Any:

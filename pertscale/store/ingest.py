@@ -14,12 +14,15 @@ output path is an error unless `overwrite`. For several inputs each member is on
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import h5py
+import numpy as np
 import pandas as pd
 
 from pertscale.checksums import file_sha256
@@ -43,6 +46,9 @@ from pertscale.store.writer import StoreWriter, begin_replacement, prepare_outpu
 __all__ = ["IngestConfig", "file_sha256", "ingest", "ingest_h5ad"]
 
 VALUE_KINDS = ("raw_counts", "normalised")
+DENSE_BLOCK_VALUES = 2**25  # values of a dense X block read at once (128 MiB of float32)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -109,14 +115,67 @@ def _open_matrix(f: h5py.File, path: Path, counts_from: str) -> tuple[Any, pd.Da
     return matrix, var
 
 
-def _select_obs(obs: pd.DataFrame, columns: list[str] | None, path: Path) -> pd.DataFrame:
-    if columns is None:
-        return obs
-    missing = [c for c in columns if c not in obs.columns]
-    if missing:
-        raise ValueError(f"{path}: obs column(s) {missing} not found; available: "
-                         f"{list(obs.columns)}")
-    return obs[columns]
+class ObsBlocks:
+    """The .h5ad obs table read row block by row block: only the selected columns, each
+    sliced on disk (arrays, strings, categoricals with their categories read once, nullable
+    integers/booleans); a column of another encoding is read whole once (anndata's read_elem).
+    Memory: one block of the selected columns, whatever the file's cell count."""
+
+    def __init__(self, group: h5py.Group, columns: list[str] | None, path: Path) -> None:
+        import anndata.io
+
+        order = [str(c) for c in group.attrs.get("column-order", [])]
+        if columns is None:
+            columns = order
+        missing = [c for c in columns if c not in order]
+        if missing:
+            raise ValueError(f"{path}: obs column(s) {missing} not found; available: {order}")
+        self.columns = list(columns)
+        self._index = group[str(group.attrs["_index"])]
+        self.n_rows = int(self._index.shape[0])
+        self._read: dict[str, Callable[[int, int], Any]] = {}
+        for name in self.columns:
+            elem = group[name]
+            enc = elem.attrs.get("encoding-type", "array")
+            enc = enc.decode() if isinstance(enc, bytes) else str(enc)
+            if enc in ("array", "string-array") and isinstance(elem, h5py.Dataset):
+                self._read[name] = functools.partial(_slice_dataset, elem)
+            elif enc == "categorical":
+                cats = anndata.io.read_elem(elem["categories"])
+                self._read[name] = functools.partial(
+                    _slice_categorical, elem["codes"], pd.Index(cats),
+                    bool(elem.attrs.get("ordered", False)))
+            elif enc in ("nullable-integer", "nullable-boolean"):
+                dtype = "Int64" if enc == "nullable-integer" else "boolean"
+                self._read[name] = functools.partial(_slice_nullable, elem, dtype)
+            else:
+                whole = pd.Series(anndata.io.read_elem(elem))
+                self._read[name] = lambda a, b, whole=whole: whole.iloc[a:b].to_numpy()
+
+    def block(self, start: int, stop: int) -> pd.DataFrame:
+        index = pd.Index(_slice_dataset(self._index, start, stop), dtype=object)
+        return pd.DataFrame({name: self._read[name](start, stop) for name in self.columns},
+                            index=index)
+
+
+def _slice_dataset(ds: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    values = ds[start:stop]
+    if values.dtype.kind in ("O", "S"):
+        return np.array([v.decode() if isinstance(v, bytes) else v for v in values], object)
+    return values
+
+
+def _slice_categorical(codes: h5py.Dataset, categories: pd.Index, ordered: bool,
+                       start: int, stop: int) -> pd.Categorical:
+    return pd.Categorical.from_codes(codes[start:stop].astype(np.int64), categories,
+                                     ordered=ordered)
+
+
+def _slice_nullable(group: h5py.Group, dtype: str, start: int, stop: int) -> pd.api.extensions.ExtensionArray:
+    values = pd.array(group["values"][start:stop], dtype=dtype)
+    if "mask" in group:
+        values[group["mask"][start:stop].astype(bool)] = pd.NA
+    return values
 
 
 def _source(path: Path, cfg: IngestConfig) -> dict[str, Any]:
@@ -159,30 +218,35 @@ def ingest_h5ad(path: str | Path, out: str | Path, cfg: IngestConfig | None = No
     with f:
         try:
             matrix, var = _open_matrix(f, path, cfg.counts_from)
-            import anndata.io
-            obs = anndata.io.read_elem(f["obs"]) if "obs" in f else None
+            obs = ObsBlocks(f["obs"], cfg.obs_columns, path) if "obs" in f else None
         except (KeyError, OSError) as e:
             raise ValueError(f"{path}: cannot read as .h5ad (truncated file?): {e}") from None
         n_cells = matrix.shape[0]
         if n_cells == 0:
             raise ValueError(f"{path} has no cells")
-        if obs is None or len(obs) != n_cells:
-            raise ValueError(f"{path}: obs has {0 if obs is None else len(obs)} rows for "
+        if obs is None or obs.n_rows != n_cells:
+            raise ValueError(f"{path}: obs has {0 if obs is None else obs.n_rows} rows for "
                              f"{n_cells} cells")
-        obs = _select_obs(obs, cfg.obs_columns, path)
         var = _gene_table(var, cfg, path)
+        rows = cfg.block_rows
+        if isinstance(matrix, h5py.Dataset):  # dense X: blocks sized by values, not rows
+            rows = max(1, min(rows, DENSE_BLOCK_VALUES // max(1, matrix.shape[1])))
+            if rows < cfg.block_rows:
+                log.info("%s: dense X of %d genes is read %d rows at a time (block_rows=%d "
+                         "would be %d values)", path, matrix.shape[1], rows, cfg.block_rows,
+                         cfg.block_rows * matrix.shape[1])
         with StoreWriter(out, var=var, raw_counts=cfg.values == "raw_counts", source=source,
                          overwrite=cfg.overwrite, chunk_values=cfg.chunk_values,
                          shard_values=cfg.shard_values,
                          compression_level=cfg.compression_level, codec=cfg.codec) as writer:
-            for start in range(0, n_cells, cfg.block_rows):
-                stop = min(start + cfg.block_rows, n_cells)
+            for start in range(0, n_cells, rows):
+                stop = min(start + rows, n_cells)
                 try:
                     block = matrix[start:stop]
                 except OSError as e:
                     raise ValueError(f"{path}: cannot read rows {start}-{stop} (truncated "
                                      f"file?): {e}") from None
-                writer.append(block, obs.iloc[start:stop])
+                writer.append(block, obs.block(start, stop))
                 if progress is not None:
                     progress(stop, n_cells)
     return _existing_attrs(out)

@@ -183,3 +183,30 @@ def test_gene_id_column_and_source_n_counts(tmp_path):
     with pytest.raises(ValueError, match=r"var column 'ensembl' \(gene_id_column\) not found; "
                                          r"available: \['gene_ids'\]"):
         ingest([tmp_path / "a.h5ad"], tmp_path / "t", cfg(gene_id_column="ensembl"))
+
+
+def test_obs_is_read_block_by_block_equal_to_anndata(tmp_path):
+    """ObsBlocks slices each selected obs column on disk (arrays, strings, categoricals with
+    missing values, nullable integers and booleans): the blocks put together equal anndata's
+    obs, and only the selected columns are read."""
+    import h5py
+
+    from pertscale.store.ingest import ObsBlocks
+
+    n = 11
+    obs = pd.DataFrame({
+        "cat": pd.Categorical(["a", "b", None] * 3 + ["a", "b"]),
+        "s": [f"s{i}" for i in range(n)], "f": np.arange(n, dtype=float),
+        "i": pd.array([1, None] * 5 + [3], dtype="Int64"), "b": [True, False] * 5 + [True],
+        "nb": pd.array([True, None, False] * 3 + [True, None], dtype="boolean")},
+        index=[f"c{i}" for i in range(n)])
+    ad.AnnData(np.zeros((n, 2), np.float32), obs=obs).write_h5ad(tmp_path / "o.h5ad")
+    with h5py.File(tmp_path / "o.h5ad") as f:
+        blocks = ObsBlocks(f["obs"], None, tmp_path / "o.h5ad")
+        got = pd.concat([blocks.block(a, min(a + 4, n)) for a in range(0, n, 4)])
+        pd.testing.assert_frame_equal(got, ad.read_h5ad(tmp_path / "o.h5ad").obs,
+                                      check_index_type=False)
+        some = ObsBlocks(f["obs"], ["nb", "cat"], tmp_path / "o.h5ad")
+        assert list(some.block(0, 3).columns) == ["nb", "cat"]
+        with pytest.raises(ValueError, match=r"obs column\(s\) \['dose'\] not found"):
+            ObsBlocks(f["obs"], ["dose"], tmp_path / "o.h5ad")
