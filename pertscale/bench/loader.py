@@ -45,6 +45,7 @@ import scipy.sparse as sp
 
 from pertscale.constants import CELL_INDEX, VALUES
 from pertscale.data.loader import CellLoader
+from pertscale.memory import peak_rss_mb
 
 __all__ = ["main", "simulate_counts", "source_blocks"]
 
@@ -88,14 +89,6 @@ def write_simulated(uri: str, n_cells: int, n_genes: int, nnz_per_cell: float,
 def source_blocks(cell_index: np.ndarray, block_size: int) -> int:
     """Distinct source blocks in a batch (the loader's blocks start at multiples of block_size)."""
     return len(np.unique(cell_index // block_size))
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM: unlike ru_maxrss, not inherited via exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_ceiling(uri: str, *, range_cells: int = 4096, in_flight: int = 8) -> dict[str, Any]:

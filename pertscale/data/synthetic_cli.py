@@ -14,12 +14,12 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import sys
 import time
 
 from pertscale.config import apply_overrides, config_from_dict, load_config, parse_overrides
 from pertscale.data.synthetic import CHUNK_CELLS, SimulatorConfig, write_dataset
+from pertscale.memory import peak_rss_mb
 
 __all__ = ["build_parser", "main"]
 
@@ -75,7 +75,7 @@ def main(argv: list[str]) -> int:
                              overwrite=args.overwrite, progress=progress,
                              num_threads=args.threads)
     seconds = time.perf_counter() - t0
-    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_rss_mib = peak_rss_mb()
     summary = {
         "n_cells": manifest["n_cells"], "n_genes": manifest["n_genes"], "nnz": manifest["nnz"],
         "nonzero_fraction": round(manifest["nnz"] / (manifest["n_cells"] * manifest["n_genes"]), 4),

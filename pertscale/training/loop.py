@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from pertscale.constants import CELL_INDEX
+from pertscale.memory import peak_rss_mb
 from pertscale.training.checkpoint import (
     BEST_FILE,
     MODEL_DIR,
@@ -90,18 +91,6 @@ def _all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) ->
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
-
-
-def _peak_rss_mb() -> float:
-    """This process's peak resident memory (Linux VmHWM; ru_maxrss elsewhere)."""
-    import resource
-
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _average_buffers(module: torch.nn.Module, world: int) -> None:
@@ -275,7 +264,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if logger is not None:
             logger.log_metrics({**scores, "best_val_mse_de": progress.best_score,
                                 "epoch": float(loader.epoch), "epoch_train_s": train_s,
-                                "worker_peak_rss_mb": _peak_rss_mb()},
+                                "worker_peak_rss_mb": peak_rss_mb()},
                                step=progress.step)
         epoch_t0 = time.perf_counter()
 
