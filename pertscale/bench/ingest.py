@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -100,10 +99,11 @@ def _check_round_trip(h5ad: Path, store_path: Path, block: int = 50000) -> bool:
 
 _CHILD = """
 import json, sys, time
+from pertscale.memory import peak_rss_mb
 from pertscale.store.commands import ingest_main
 t0 = time.perf_counter()
 rc = ingest_main(sys.argv[1:])
-print("BENCH " + json.dumps({"ingest_s": time.perf_counter() - t0}))
+print("BENCH " + json.dumps({"ingest_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}))
 sys.exit(rc)
 """
 
@@ -117,11 +117,10 @@ def _run_ingest(h5ad: Path, store: Path, args: argparse.Namespace) -> tuple[floa
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     print(proc.stdout.strip().splitlines()[0])
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("BENCH "))
-    # NOTE: ru_maxrss of children is the largest peak among waited-for children (KiB on
-    # Linux); the ingest is the only child this process starts.
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return json.loads(line[6:])["ingest_s"], wall, peak
+    line = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("BENCH "))[6:])
+    # NOTE: the child's own VmHWM: ru_maxrss of children would include this process's RSS at
+    # fork time (it is inherited across exec)
+    return line["ingest_s"], wall, int(line["peak_rss_mb"] * 2**20)
 
 
 def main(argv: list[str]) -> int:
