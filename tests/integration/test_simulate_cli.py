@@ -72,6 +72,13 @@ def test_simulate_errors_name_the_problem(tmp_path, capsys):
     (busy / "keep.txt").write_text("user data")
     assert cli(["simulate", "--out", str(busy), *SMALL]) == 1
     assert "not empty" in capsys.readouterr().err
+    assert cli(["simulate", "--out", str(busy), "--overwrite", *SMALL]) == 1
+    assert "not written by pertscale simulate" in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "user data"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert cli(["simulate", "--out", str(afile), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "is not a directory" in err and "--overwrite" not in err
     with pytest.raises(SystemExit):
         cli(["simulate", *SMALL])  # neither --out nor --store

@@ -274,9 +274,13 @@ def test_write_dataset_files_are_complete_readable_and_deterministic(tmp_path):
         else:
             assert got.dtype == want.dtype and np.array_equal(got, want), field.name
 
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="holds a simulated dataset.*--overwrite"):
         write_dataset(cfg, out)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    (out / "notes.txt").write_text("mine")  # a user's file beside ours: never replaced
+    with pytest.raises(FileExistsError, match="not written by pertscale simulate"):
+        write_dataset(cfg, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
 
 
 # --- learning signal for downstream models --------------------------------------------------

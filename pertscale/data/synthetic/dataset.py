@@ -197,11 +197,16 @@ def write_dataset(cfg: SimulatorConfig, out_dir: str | Path | None, *,
                 "n_genes": cfg.n_genes, "nnz": int(store["nnz"]),
                 "n_conditions": len(truth.conditions), "store": store, "files": {}}
     out = Path(out_dir)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"output directory {out} exists and is not empty; "
-                              "pass overwrite=True (--overwrite) to replace it")
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"output {out} exists and is not a directory")
+        raise FileExistsError(f"output {out} exists and is not a directory; choose a folder")
+    if out.exists() and any(out.iterdir()):
+        if not _is_simulate_output(out):
+            raise FileExistsError(f"output directory {out} is not empty and was not written by "
+                                  f"pertscale simulate (no manifest.json of ours); refusing to "
+                                  f"replace it: choose an empty or new folder")
+        if not overwrite:
+            raise FileExistsError(f"output directory {out} holds a simulated dataset; pass "
+                                  f"overwrite=True (--overwrite) to replace it")
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -235,6 +240,20 @@ def write_dataset(cfg: SimulatorConfig, out_dir: str | Path | None, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _is_simulate_output(path: Path) -> bool:
+    """True when `path` holds a dataset this command wrote (its manifest.json names the tool)
+    and nothing the manifest does not list (a user's file beside it is never deleted)."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    tool = str(manifest.get("tool", "")) if isinstance(manifest, dict) else ""
+    if not (tool.startswith("pertscale") and tool.endswith("simulate")):
+        return False
+    ours = set(manifest.get("files", {})) | {"manifest.json"}
+    return {p.name for p in path.iterdir()} <= ours
 
 
 def _with_progress(cfg: SimulatorConfig, block_size: int, truth: GroundTruth, progress: Any,
