@@ -289,6 +289,13 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig | None =
     out = str(out)
     if not inputs:
         raise ValueError("ingest needs at least one input .h5ad file")
+    seen: dict[Path, Path] = {}
+    for p in inputs:
+        key = Path(p).resolve()
+        if key in seen:
+            raise ValueError(f"input file {p} is given twice (as {seen[key]} too); each file "
+                             f"once, or every cell would be stored twice")
+        seen[key] = Path(p)
     for p in inputs:
         if not p.is_file():
             raise FileNotFoundError(f"input file {p} does not exist")

@@ -74,6 +74,15 @@ def staging_path(final: Path) -> Path:
     return final.parent / f".{final.name}.pertscale-new"
 
 
+def _store_kind(path: Path) -> str | None:
+    """The pertscale_format of a store or collection rooted at `path`, else None."""
+    if not (path / "zarr.json").is_file():
+        return None
+    meta = read_json(open_kvstore(str(path)), "zarr.json") or {}
+    kind = meta.get("attributes", {}).get("pertscale_format")
+    return kind if kind in (FORMAT_NAME, "pertscale.collection") else None
+
+
 def _remove_ours(path: Path) -> None:
     """Remove `path` if it is absent, empty or a pertscale store (ours); else an error."""
     if not path.exists():
@@ -112,6 +121,14 @@ def prepare_output(uri: str, *, overwrite: bool) -> bool:
     if path is None:
         raise StoreError(f"output {uri!r}: stores are written to a local path; "
                          "upload the finished store to object storage")
+    resolved = path.resolve()
+    for parent in resolved.parents:
+        kind = _store_kind(parent)
+        member = kind == "pertscale.collection" and \
+            resolved.relative_to(parent).parts[0] == "members"  # a collection's own member
+        if kind is not None and not member:
+            raise StoreError(f"output {path} is inside the store {parent}; write the new store "
+                             f"outside it")
     if not path.exists():
         return False
     if not path.is_dir():
@@ -433,6 +450,11 @@ def _check_var(var: pd.DataFrame, label: str) -> pd.DataFrame:
     if len(var) == 0:
         raise ValueError(f"{label}var has no genes")
     index = var.index.astype(str)
+    empty = np.flatnonzero((index.str.strip() == "") | var.index.isna())
+    if len(empty):
+        raise ValueError(f"{label}{len(empty)} gene id(s) in var are empty, e.g. at var row "
+                         f"{int(empty[0])}; every gene needs an id (set gene_id_column to a "
+                         f"var column of ids)")
     dup = index[index.duplicated()]
     if len(dup):
         raise ValueError(f"{label}duplicate gene ids in var: {sorted(set(dup))[:10]} "

@@ -154,3 +154,11 @@ def test_barcodes_shared_across_members_are_prefixed_by_member(tmp_path):
     assert obs.index.is_unique and len(obs) == 10
     assert list(obs.index[:2]) == ["d1:AAAC-0", "d1:AAAC-1"] and obs.index[5] == "d2:AAAC-0"
     assert obs["dataset"].tolist() == ["d1"] * 5 + ["d2"] * 5
+
+
+def test_the_same_file_twice_is_refused(collection):
+    tmp_path, _, _ = collection
+    with pytest.raises(ValueError, match=r"a.h5ad is given twice"):
+        ingest([tmp_path / "a.h5ad", tmp_path / "b.h5ad", tmp_path / "." / "a.h5ad"],
+               tmp_path / "twice", IngestConfig())
+    assert not (tmp_path / "twice").exists()

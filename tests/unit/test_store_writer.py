@@ -271,3 +271,14 @@ def test_duplicate_cell_ids_are_refused_within_and_across_blocks(tmp_path):
     with pytest.raises(StoreError, match="incomplete"):
         open_store(tmp_path / "b")  # nothing was committed
     assert write(tmp_path / "c", X, obs, block=20).n_cells == 40
+
+
+def test_empty_gene_ids_and_a_store_inside_a_store_are_refused(tmp_path):
+    var = make_var(4)
+    var.index = ["g1", "", "g3", "g4"]
+    with pytest.raises(ValueError, match=r"1 gene id\(s\) in var are empty, e.g. at var row 1"):
+        StoreWriter(tmp_path / "e", var=var, raw_counts=True)
+    write(tmp_path / "s", make_counts(10, 8))
+    with pytest.raises(StoreError, match=r"is inside the store .*/s; write the new store"):
+        StoreWriter(tmp_path / "s" / "X" / "nested", var=make_var(8), raw_counts=True)
+    assert open_store(tmp_path / "s").n_cells == 10 and not (tmp_path / "s/X/nested").exists()
