@@ -93,9 +93,6 @@ def _obs_arrays(obs: pd.DataFrame, columns: list[str], uri: str) -> dict[str, np
     """obs columns as flat arrays: categoricals become their integer codes (-1 = missing) in
     pandas' compact dtype (int8/16/32: memory per rank scales with the store's cells), numbers
     stay numbers."""
-    missing = [c for c in columns if c not in obs.columns]
-    if missing:
-        raise ValueError(f"obs column(s) {missing} not in store {uri}; it has {list(obs.columns)}")
     out = {}
     for name in columns:
         col = obs[name]

@@ -50,7 +50,14 @@ from pertscale.constants import (
     X_TARGET,
 )
 from pertscale.models.output import LossOutput
-from pertscale.models.spec import Exported, ModelConfig, ModelSpec, encode_perturbations
+from pertscale.models.spec import (
+    Exported,
+    ModelConfig,
+    ModelSpec,
+    encode_perturbations,
+    export_paired,
+    unrepresented,
+)
 
 DIRECTIONS = ("mean", "cell")
 
@@ -358,13 +365,8 @@ def _init_from(cfg: GEARSConfig, parent: ModelSpec, exported: Exported, data: An
 def export_gears(cfg: GEARSConfig, state_dict: dict[str, torch.Tensor],
                  context: dict[str, Any]) -> Exported:
     """Weights (graphs included), the `[model]` section, readout genes and perturbation table."""
-    task = context["context"]
-    return Exported(tensors=dict(state_dict),
-                    config={"model": "gears", "model_config": cfg.to_dict(),
-                            "gene_symbols": list(task["symbols"]),
-                            "pert_genes": list(task["pert_genes"]),
-                            "training": dict(context.get("training") or {})},
-                    vocab=list(task["genes"]))
+    return export_paired("gears", cfg, state_dict, context,
+                         pert_genes=list(context["context"]["pert_genes"]))
 
 
 class GearsPredictor:
@@ -384,8 +386,7 @@ class GearsPredictor:
         self.model.eval()
 
     def missing_genes(self, perturbations: Sequence[Any]) -> list[str]:
-        missing = {g for p in perturbations for g in p.genes if g not in self._index}
-        return sorted(missing | {t for p in perturbations for t in p.treatments})
+        return unrepresented(perturbations, self._index)
 
     def predict_delta(self, perturbations: Sequence[Any],
                       covariates: Sequence[str] | None = None) -> np.ndarray:

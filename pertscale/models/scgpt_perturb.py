@@ -47,7 +47,14 @@ from pertscale.models.scgpt import (
     ScGPTConfig,
     ScGPTSize,
 )
-from pertscale.models.spec import Exported, ModelConfig, ModelSpec, encode_perturbations
+from pertscale.models.spec import (
+    Exported,
+    ModelConfig,
+    ModelSpec,
+    encode_perturbations,
+    export_paired,
+    unrepresented,
+)
 
 __all__ = ["SPEC", "ScGPTPerturb", "ScGPTPerturbConfig", "ScGPTPerturbPredictor"]
 
@@ -263,13 +270,8 @@ def _init_from(cfg: ScGPTPerturbConfig, parent: ModelSpec, exported: Exported, d
 def export_scgpt_perturb(cfg: ScGPTPerturbConfig, state_dict: dict[str, torch.Tensor],
                          context: dict[str, Any]) -> Exported:
     """Weights (the control pool included), the `[model]` section, genes and covariates."""
-    task = context["context"]
-    return Exported(tensors=dict(state_dict),
-                    config={"model": "scgpt_perturb", "model_config": cfg.to_dict(),
-                            "gene_symbols": list(task["symbols"]),
-                            "covariates": list(task["covariates"]),
-                            "training": dict(context.get("training") or {})},
-                    vocab=list(task["genes"]))
+    return export_paired("scgpt_perturb", cfg, state_dict, context,
+                         covariates=list(context["context"]["covariates"]))
 
 
 class ScGPTPerturbPredictor:
@@ -287,8 +289,7 @@ class ScGPTPerturbPredictor:
         self.model.eval()
 
     def missing_genes(self, perturbations: Sequence[Any]) -> list[str]:
-        missing = {g for p in perturbations for g in p.genes if g not in self._index}
-        return sorted(missing | {t for p in perturbations for t in p.treatments})
+        return unrepresented(perturbations, self._index)
 
     def predict_delta(self, perturbations: Sequence[Any],
                       covariates: Sequence[str] | None = None) -> np.ndarray:

@@ -54,7 +54,9 @@ __all__ = [
     "ModelSpec",
     "PerturbationPredictor",
     "encode_perturbations",
+    "export_paired",
     "get_spec",
+    "unrepresented",
 ]
 
 TASKS = ("cells", "paired", "pseudobulk")
@@ -161,6 +163,25 @@ def encode_perturbations(perturbations: Sequence[Any], index: dict[str, int]
         for j, (g, s) in enumerate(zip(p.genes, p.signs)):
             genes[i, j], signs[i, j] = index[g], s
     return genes, signs
+
+
+def export_paired(name: str, cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
+                  context: dict[str, Any], **extra: Any) -> Exported:
+    """A paired model's export: weights (its buffers included), the `[model]` section, the
+    readout genes (vocab) and symbols, the training facts, and the model's own `extra` entries."""
+    task = context["context"]
+    return Exported(tensors=dict(state_dict),
+                    config={"model": name, "model_config": cfg.to_dict(),
+                            "gene_symbols": list(task["symbols"]), **extra,
+                            "training": dict(context.get("training") or {})},
+                    vocab=list(task["genes"]))
+
+
+def unrepresented(perturbations: Sequence[Any], index: dict[str, int]) -> list[str]:
+    """Perturbed genes not in `index` and treatments (a gene-table model has no treatments),
+    sorted: a paired predictor's `missing_genes`."""
+    missing = {g for p in perturbations for g in p.genes if g not in index}
+    return sorted(missing | {t for p in perturbations for t in p.treatments})
 
 
 def get_spec(name: str) -> ModelSpec:

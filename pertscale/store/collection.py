@@ -142,11 +142,15 @@ class CellCollection:
     def __len__(self) -> int:
         return self.n_cells
 
-    def read_csr_async(self, start: int, stop: int) -> _MultiFuture:
+    def _check_range(self, start: int, stop: int) -> tuple[int, int]:
         start, stop = int(start), int(stop)
         if not 0 <= start <= stop <= self.n_cells:
             raise ValueError(f"cell range [{start}, {stop}) is outside [0, {self.n_cells}) "
                              f"of collection {self.uri}")
+        return start, stop
+
+    def read_csr_async(self, start: int, stop: int) -> _MultiFuture:
+        start, stop = self._check_range(start, stop)
         parts = []
         for i, store in enumerate(self.members):
             lo = max(start, self.cell_offsets[i])
@@ -161,10 +165,7 @@ class CellCollection:
 
     def read_indptr(self, start: int, stop: int) -> np.ndarray:
         """int64 row pointers of cells [start, stop] in the collection's nonzero order."""
-        start, stop = int(start), int(stop)
-        if not 0 <= start <= stop <= self.n_cells:
-            raise ValueError(f"cell range [{start}, {stop}] is outside [0, {self.n_cells}] "
-                             f"of collection {self.uri}")
+        start, stop = self._check_range(start, stop)
         parts = []
         for i, store in enumerate(self.members):
             a, b = max(start, self.cell_offsets[i]), min(stop, self.cell_offsets[i + 1] - 1)

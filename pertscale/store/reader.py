@@ -93,7 +93,6 @@ class CsrFuture:
         self._n_genes, self._n = store.n_genes, stop - start
         self._where = f"store {store.uri}: reading cells [{start}, {stop})"
         self._issued: concurrent.futures.Future = concurrent.futures.Future()
-        self._data: tuple[Any, Any] | None = None
 
         def issue(ptr_future: Any) -> None:
             try:
@@ -220,10 +219,7 @@ class CellStore:
                     index: bool = True) -> pd.DataFrame:
         """The table `group` (obs / var): all columns or only `columns`, with its index (ids)
         or a RangeIndex; only the arrays of what is asked for are read and decoded."""
-        meta = read_json(open_kvstore(self.uri), f"{group}/zarr.json")
-        if meta is None:
-            raise StoreError(f"store {self.uri}: {group}/zarr.json is missing")
-        attrs = meta["attributes"]
+        attrs = self._table_attrs(group)
         read = lambda name: self.read_array(f"{group}/{name}")
         encs = attrs["encodings"]
         names = list(attrs["columns"]) if columns is None else list(columns)
@@ -238,13 +234,16 @@ class CellStore:
         ids = pd.Index(decode_column(encs[INDEX_COLUMN], read, INDEX_COLUMN), dtype=object)
         return pd.DataFrame(cols, index=ids)
 
+    def _table_attrs(self, group: str) -> dict[str, Any]:
+        meta = read_json(open_kvstore(self.uri), f"{group}/zarr.json")
+        if meta is None:
+            raise StoreError(f"store {self.uri}: {group}/zarr.json is missing")
+        return meta["attributes"]
+
     @functools.cached_property
     def obs_column_names(self) -> list[str]:
         """Names of the obs columns (from obs/zarr.json; nothing decoded)."""
-        meta = read_json(open_kvstore(self.uri), "obs/zarr.json")
-        if meta is None:
-            raise StoreError(f"store {self.uri}: obs/zarr.json is missing")
-        return list(meta["attributes"]["columns"])
+        return list(self._table_attrs("obs")["columns"])
 
     def read_obs(self, columns: list[str] | None = None, *, index: bool = True) -> pd.DataFrame:
         """obs with only `columns` (None = all), and without the cell ids when not `index`:
