@@ -159,8 +159,8 @@ def main(argv: list[str]) -> int:
     job = load_config(CONFIG, [f"--data.store_uri={store}"], job="finetune")
     from pertscale.eval.config import EvalDataConfig
 
-    data, split = load_eval_data(EvalDataConfig(store_uri=store, perturbation=job.data.perturbation,
-                                                split=job.data.split))
+    data, split, _ = load_eval_data(EvalDataConfig(
+        store_uri=store, perturbation=job.data.perturbation, split=job.data.split))
     split_path = args.work / "split.json"
     _split_json(split, data, names, split_path)
     unseen = split.test["unseen_single"]

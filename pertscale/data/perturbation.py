@@ -47,6 +47,7 @@ __all__ = [
     "load_perturbation_data",
     "normalise_counts",
     "parse_perturbation",
+    "read_condition_cells",
     "top_de_genes",
     "welch_t_scores",
 ]
@@ -385,3 +386,30 @@ def load_perturbation_data(src: Any, cfg: PerturbationConfig) -> PerturbationDat
         non_dropout = (mean_XG[i] != 0) | (mean_XG[c] == 0)
         data.de_nd_idx[cond] = top_de_genes(scores, cfg.n_de_genes, non_dropout)
     return data
+
+
+def read_condition_cells(src: Any, cfg: PerturbationConfig, data: PerturbationData,
+                         conditions: Sequence[str]) -> dict[str, sp.csr_matrix]:
+    """The cells of `conditions` (log1p-normalised as the pseudo-bulk means are) from the open
+    store `src`, as one CSR matrix per condition in store order; `data` must have been computed
+    from this store with `cfg`. Only the blocks holding such cells are read."""
+    codes, table, _, _ = _group_cells(src.obs, cfg, src.uri)
+    if list(table.index) != list(data.conditions.index):
+        raise ValueError(f"store {src.uri} no longer gives the conditions the data were computed "
+                         f"from (changed store or perturbation config)")
+    unknown = [c for c in conditions if c not in table.index]
+    if unknown:
+        raise ValueError(f"conditions {unknown[:5]} are not in the data of {src.uri}")
+    wanted = np.zeros(len(table), dtype=bool)
+    wanted[[data.row(c) for c in conditions]] = True
+    codes = np.where((codes >= 0) & wanted[np.maximum(codes, 0)], codes, -1)
+    parts: dict[int, list[sp.csr_matrix]] = {}
+    for start, x in _read_blocks(src, codes, cfg):
+        block = codes[start:start + x.shape[0]]
+        keep = np.flatnonzero(block >= 0)
+        x = sp.csr_matrix(x[keep], dtype=np.float32)
+        if src.raw_counts:
+            x = normalise_counts(x, cfg.target_sum, start + keep)
+        for code in np.unique(block[keep]):
+            parts.setdefault(int(code), []).append(x[block[keep] == code])
+    return {c: sp.vstack(parts[data.row(c)], format="csr") for c in conditions}

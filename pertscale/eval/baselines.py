@@ -7,6 +7,12 @@ against the condition's own control) of test conditions from the training condit
                  (a single perturbation's training effect = its mean delta over training
                  conditions, pooled across covariate values); a condition with a gene that has
                  no training single is not covered (NaN row), e.g. every unseen single
+    matching_mean
+                 Systema's matching mean: the mean of the training single effects of the
+                 condition's genes that have one (for a combination of two seen genes, the mean
+                 of its singles' effects); a condition none of whose genes has a training
+                 single (an unseen single, a combination of unseen genes) gets the mean delta
+                 over all training conditions, as Systema's non-control mean
     linear       Ahlmann-Eltze et al. (2024): Y ~ A K B + b with Y the training deltas
                  [G, P], b their row means, A [G, d] the top-d principal-component scores of
                  the genes of Y, B [d, P] perturbation embeddings, K by ridge on both sides
@@ -36,6 +42,7 @@ __all__ = [
     "Additive",
     "Linear",
     "LinearConfig",
+    "MatchingMean",
     "NoChange",
     "Predictor",
     "TrainMean",
@@ -78,16 +85,21 @@ class TrainMean:
         return np.tile(self.delta_G, (len(conditions), 1))
 
 
+def _single_effects(data: PerturbationData, train: list[str]) -> dict[tuple[str, int], np.ndarray]:
+    """(gene or treatment, sign) -> its mean delta as a single over the training conditions."""
+    effects: dict[tuple[str, int], list[np.ndarray]] = {}
+    for cond in train:
+        pert = data.perturbation(cond)
+        if not pert.is_combo:
+            effects.setdefault(pert.parts[0], []).append(data.delta(cond))
+    return {k: np.mean(v, axis=0) for k, v in effects.items()}
+
+
 class Additive:
     name = "additive"
 
     def fit(self, data: PerturbationData, train: list[str]) -> Additive:
-        effects: dict[tuple[str, int], list[np.ndarray]] = {}
-        for cond in train:
-            pert = data.perturbation(cond)
-            if not pert.is_combo:
-                effects.setdefault(pert.parts[0], []).append(data.delta(cond))
-        self.single_G = {k: np.mean(v, axis=0) for k, v in effects.items()}
+        self.single_G = _single_effects(data, train)
         return self
 
     def predict_delta(self, data: PerturbationData, conditions: list[str]) -> np.ndarray:
@@ -97,6 +109,23 @@ class Additive:
             keys = pert.parts
             if all(k in self.single_G for k in keys):
                 out[i] = np.sum([self.single_G[k] for k in keys], axis=0)
+        return out
+
+
+class MatchingMean:
+    name = "matching_mean"
+
+    def fit(self, data: PerturbationData, train: list[str]) -> MatchingMean:
+        self.single_G = _single_effects(data, train)
+        self.mean_G = _train_deltas(data, train).mean(0)
+        return self
+
+    def predict_delta(self, data: PerturbationData, conditions: list[str]) -> np.ndarray:
+        out = np.empty((len(conditions), len(data.genes)))
+        for i, cond in enumerate(conditions):
+            matched = [self.single_G[k] for k in data.perturbation(cond).parts
+                       if k in self.single_G]
+            out[i] = np.mean(matched, axis=0) if matched else self.mean_G
         return out
 
 
@@ -172,6 +201,7 @@ BASELINES: dict[str, type] = {
     "no_change": NoChange,
     "train_mean": TrainMean,
     "additive": Additive,
+    "matching_mean": MatchingMean,
     "linear": Linear,
 }
 

@@ -2,7 +2,8 @@
 
     pertscale fit genepert --config configs/genepert.toml [--address auto] [--alias NAME]
                            [--section.field=value ...]
-    pertscale evaluate --config configs/evaluate.toml [--address auto] [--section.field=value ...]
+    pertscale evaluate --config configs/evaluate.toml [--address auto]
+                       [--metrics gears,cell-eval,systema] [--section.field=value ...]
 
 `fit` reads the store's perturbation data, splits it, takes the gene features from the
 embedding table (`embeddings.path`) or from the gene table of a registered model
@@ -36,6 +37,7 @@ from pertscale.eval.evaluation import (
     make_report,
     run_predictors,
 )
+from pertscale.eval.metrics import METRIC_FAMILIES
 from pertscale.models import MODELS, get_spec
 from pertscale.tracking.commands import add_alias_argument, with_aliases
 
@@ -117,7 +119,7 @@ def run_fit(job: FitJobConfig, *, address: str | None = None) -> EvalResult:
 
     spec = get_spec(job.model.name)
     job = _start(job, address)
-    data, split = load_eval_data(job.data)
+    data, split, cells = load_eval_data(job.data, job.report)
     table, lineage = _features(job, data)
     fitted = spec.fit(job.model, data, split.train, features=table, map_fn=ray_map)
     predictors = [(ModelPredictor(spec.name, fitted, data), False)]
@@ -135,7 +137,7 @@ def run_fit(job: FitJobConfig, *, address: str | None = None) -> EvalResult:
         meta = {spec.name: summary, "features": f"{table.source} "
                 f"(sha256 {table.sha256[:12]}, {table.dim} dims)"}
         result = make_report(job.report, run_name=job.run_name, data=data, split=split,
-                             predictions=predictions, meta=meta, logger=logger)
+                             predictions=predictions, meta=meta, cells=cells, logger=logger)
         if job.tracking.register:
             exported = spec.export(job.model, fitted, {"job": job.to_dict()})
             result.model_uri = log_model(
@@ -161,7 +163,7 @@ def run_evaluate(job: EvaluateJobConfig, *, address: str | None = None) -> EvalR
     from pertscale.tracking import RunLogger, pull_model
 
     job = _start(job, address)
-    data, split = load_eval_data(job.data)
+    data, split, cells = load_eval_data(job.data, job.report)
     models, gene_tables = [], []
     for uri in job.models:
         pulled = pull_model(uri, tracking=job.tracking)
@@ -194,7 +196,8 @@ def run_evaluate(job: EvaluateJobConfig, *, address: str | None = None) -> EvalR
         predictions = run_predictors(predictors, data, split)
         what = ", ".join(job.models) if job.models else "baselines only"
         return make_report(job.report, run_name=job.run_name, data=data, split=split,
-                           predictions=predictions, meta={"models": what}, logger=logger)
+                           predictions=predictions, meta={"models": what}, cells=cells,
+                           logger=logger)
 
 
 def _parse(prog: str, argv: list[str], job: str, description: str):
@@ -202,9 +205,15 @@ def _parse(prog: str, argv: list[str], job: str, description: str):
     parser.add_argument("--config", required=True, help=f'job config file (job = "{job}")')
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: ray.address, else an embedded cluster)")
+    parser.add_argument("--metrics", default=None,
+                        help=f"metric families, comma-separated: {','.join(METRIC_FAMILIES)} "
+                             f"(default: report.metrics, all of them)")
     if job == "fit":
         add_alias_argument(parser)
     args, overrides = parser.parse_known_args(argv)
+    if args.metrics is not None:
+        families = [f.strip() for f in args.metrics.split(",") if f.strip()]
+        overrides = [*overrides, f"--report.metrics={json.dumps(families)}"]
     return load_config(args.config, overrides, job=job), args
 
 

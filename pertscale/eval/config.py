@@ -10,6 +10,7 @@ from pertscale.data.perturbation import PerturbationConfig
 from pertscale.data.splits import SplitConfig
 from pertscale.eval.baselines import BASELINES, LinearConfig
 from pertscale.eval.cv import RayConfig
+from pertscale.eval.metrics import METRIC_FAMILIES
 from pertscale.models import ModelConfig, get_spec
 from pertscale.models.genepert import GenePertConfig
 from pertscale.tracking import TrackingConfig
@@ -47,12 +48,23 @@ class ReportConfig(Config):
 
     out_dir: str = ""  # report folder; "" = <storage root>/reports/<run name>-<UTC time>
     title: str = ""  # report heading; "" = from the job and the store
+    metrics: list[str] = dataclasses.field(
+        default_factory=lambda: list(METRIC_FAMILIES))  # metric families: gears, cell-eval, systema
     baselines: list[str] = dataclasses.field(
-        default_factory=lambda: ["no_change", "train_mean", "additive", "linear"])  # baselines beside the models
+        default_factory=lambda: ["no_change", "train_mean", "additive", "matching_mean",
+                                 "linear"])  # baselines beside the models
     linear: LinearConfig = dataclasses.field(default_factory=LinearConfig)  # the linear baseline
     n_plot_perturbations: int = 4  # perturbations in the predicted-vs-true DE plot per subgroup
 
     def __post_init__(self) -> None:
+        if not self.metrics:
+            raise ConfigError(f"metrics is empty: list some of {list(METRIC_FAMILIES)}")
+        for i, family in enumerate(self.metrics):
+            if family not in METRIC_FAMILIES:
+                raise ConfigError(f"metrics[{i}]={family!r} is not one of "
+                                  f"{list(METRIC_FAMILIES)}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ConfigError(f"metrics {self.metrics} lists a family twice")
         for i, name in enumerate(self.baselines):
             if name not in BASELINES:
                 raise ConfigError(f"baselines[{i}]={name!r} is not one of {sorted(BASELINES)}")

@@ -19,8 +19,10 @@ from pertscale.data.perturbation import PerturbationData, load_perturbation_data
 from pertscale.data.splits import Split, build_split
 from pertscale.eval.baselines import Predictor, build_baseline
 from pertscale.eval.config import EmbeddingsConfig, EvalDataConfig, ReportConfig
-from pertscale.eval.plots import plot_de_deltas, plot_metric_bars
-from pertscale.eval.report import evaluate, markdown_table, summarise, write_report
+from pertscale.eval.metrics import METRIC_FAMILIES
+from pertscale.eval.plots import plot_de_deltas, plot_family_bars
+from pertscale.eval.report import HEADERS, evaluate, markdown_table, summarise, write_report
+from pertscale.eval.scoring import Scorer, EvalCells, load_eval_cells
 from pertscale.paths import storage_root
 
 __all__ = [
@@ -29,13 +31,12 @@ __all__ = [
     "load_eval_data",
     "load_table",
     "make_report",
+    "report_cells",
     "report_dir",
     "run_predictors",
 ]
 
 log = logging.getLogger(__name__)
-BAR_METRICS = {"pearson_delta_de": "Pearson delta, top DE genes",
-               "mse_de": "MSE, top DE genes", "pearson_delta": "Pearson delta, all genes"}
 
 
 @dataclasses.dataclass
@@ -49,14 +50,32 @@ class EvalResult:
     model_uri: str | None = None
 
 
-def load_eval_data(cfg: EvalDataConfig) -> tuple[PerturbationData, Split]:
-    """Open the store, compute the pseudo-bulk data and the split."""
+def load_eval_data(cfg: EvalDataConfig, report: ReportConfig | None = None
+                   ) -> tuple[PerturbationData, Split, EvalCells | None]:
+    """Open the store, compute the pseudo-bulk data and the split, and read the evaluated
+    conditions' cells when `report` shows the cell-eval metrics."""
     from pertscale.store import open_store
 
     if not cfg.store_uri:
         raise ConfigError("data.store_uri is empty: pass --data.store_uri=PATH_OR_URI")
-    data = load_perturbation_data(open_store(cfg.store_uri), cfg.perturbation)
-    return data, build_split(data, cfg.split)
+    src = open_store(cfg.store_uri)
+    data = load_perturbation_data(src, cfg.perturbation)
+    split = build_split(data, cfg.split)
+    cells = report_cells(report, src, cfg.perturbation, data, split) if report else None
+    return data, split, cells
+
+
+def report_cells(cfg: ReportConfig, src: Any, perturbation: Any, data: PerturbationData,
+                 split: Split) -> EvalCells | None:
+    """The evaluated conditions' cells when the report shows the cell-eval metrics (read from
+    the open store `src` with the PerturbationConfig the data came from), else None."""
+    if "cell-eval" not in cfg.metrics:
+        return None
+    start = time.perf_counter()
+    cells = load_eval_cells(src, perturbation, data, split)
+    log.info("read the cells of %d evaluated conditions and %d control groups in %.1f s",
+             len(cells.conditions), len(cells.controls), time.perf_counter() - start)
+    return cells
 
 
 def load_table(cfg: EmbeddingsConfig, data: PerturbationData) -> GeneEmbeddings:
@@ -115,13 +134,19 @@ def report_dir(cfg: ReportConfig, run_name: str) -> Path:
 
 def make_report(cfg: ReportConfig, *, run_name: str, data: PerturbationData, split: Split,
                 predictions: dict[str, dict[str, np.ndarray]], meta: dict[str, Any],
-                logger: Any = None) -> EvalResult:
-    """Score, plot and write the report; log metrics and the report folder when `logger`."""
+                cells: EvalCells | None = None, logger: Any = None) -> EvalResult:
+    """Score the metric families of `cfg.metrics` (`cells` from `report_cells` for cell-eval),
+    plot and write the report; log metrics and the report folder when `logger`."""
     from pertscale.eval.report import metrics_for_logging
 
     models = list(predictions)
     groups = list(split.subgroups())
-    per_condition = evaluate(data, split, predictions)
+    start = time.perf_counter()
+    scorer = Scorer(data, split, cfg.metrics, cells)
+    per_condition = evaluate(scorer, split, predictions)
+    log.info("scored %d models on %d conditions (%s) in %.1f s", len(models),
+             per_condition["condition"].nunique(), ", ".join(cfg.metrics),
+             time.perf_counter() - start)
     summary = summarise(per_condition, models)
     out = report_dir(cfg, run_name)
     plots = []
@@ -131,9 +156,11 @@ def make_report(cfg: ReportConfig, *, run_name: str, data: PerturbationData, spl
         plots.append(plot_de_deltas(
             data, chosen, {m: predictions[m][group][idx] for m in models},
             out / "plots" / f"de_{group}.png", title=f"{group}: predicted vs true change"))
-    for metric, label in BAR_METRICS.items():
-        plots.append(plot_metric_bars(summary, metric, out / "plots" / f"bars_{metric}.png",
-                                      model_order=models, subgroup_order=groups, label=label))
+    for family in cfg.metrics:
+        metrics = {m: HEADERS[m] for m in METRIC_FAMILIES[family]}
+        plots.append(plot_family_bars(summary, metrics, out / "plots" / f"metrics_{family}.png",
+                                      model_order=models, subgroup_order=groups,
+                                      title=f"{family} metrics per model and baseline"))
     title = cfg.title or f"{run_name}: {data.source.get('uri', '')}"
     report = write_report(out, title=title, data=data, split=split, per_condition=per_condition,
                           summary=summary, meta=meta, plots=plots)

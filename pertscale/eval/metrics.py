@@ -16,6 +16,18 @@ made-up number: the no-change baseline has no Pearson delta.
 
 `perturbation_metrics` computes the named set the reports use for one perturbation: on all
 genes, on the top DE genes ("_de") and on GEARS' top non-dropout DE genes ("_de_nd").
+
+The metrics the field now scores by (cell-eval's challenge profile, Systema), each defined in
+its docstring:
+
+- `mae`                    mean absolute error of the pseudo-bulk expression (cell-eval)
+- `discrimination_score`   1 - rank / N of the true effect among all N test effects (cell-eval)
+- `de_overlap`             shared top DE genes of prediction and truth at the true DE count
+                           (cell-eval's overlap_at_N)
+- `centroid_accuracy`      share of other true centroids farther than the own one (Systema)
+
+`METRIC_FAMILIES` names the metrics of each family a report can show; `BEST_VALUE` says which
+end of each metric is best (for the normalised scores).
 """
 
 from __future__ import annotations
@@ -25,8 +37,14 @@ from collections.abc import Callable
 import numpy as np
 
 __all__ = [
+    "BEST_VALUE",
+    "METRIC_FAMILIES",
     "METRIC_NAMES",
+    "centroid_accuracy",
+    "de_overlap",
     "direction_accuracy",
+    "discrimination_score",
+    "mae",
     "mse",
     "pearson_delta",
     "perturbation_metrics",
@@ -78,6 +96,63 @@ def mse(pred: np.ndarray, true: np.ndarray, genes: np.ndarray | None = None) -> 
     return float(np.mean((pred - true) ** 2))
 
 
+def mae(pred: np.ndarray, true: np.ndarray, genes: np.ndarray | None = None) -> float:
+    """Mean of |pred - true| over all genes or `genes`: cell-eval's `mae` (sklearn's
+    mean_absolute_error of the predicted and true pseudo-bulk expression of a perturbation)."""
+    pred, true = _as_vectors(genes, pred, true)
+    return float(np.mean(np.abs(pred - true)))
+
+
+def discrimination_score(pred_effect_G: np.ndarray, true_effects_PG: np.ndarray, own: int,
+                         exclude: np.ndarray | None = None) -> float:
+    """cell-eval's perturbation discrimination score (`discrimination_score_l1`, the Virtual Cell
+    Challenge's PDS): rank the true effects (expression minus control) of all N candidate
+    perturbations, row `own` being the predicted one's, by L1 distance to the predicted effect,
+    over the genes not in `exclude` (the perturbation's target genes); with rank = the number
+    of candidates strictly nearer than the own one (0 = nearest), the score is 1 - rank / N.
+    1 is perfect; a prediction that tells nothing scores about 0.5."""
+    true_effects_PG = np.asarray(true_effects_PG, dtype=np.float64)
+    n, g = true_effects_PG.shape
+    if not 0 <= own < n:
+        raise ValueError(f"own row {own} is outside the {n} candidate perturbations")
+    keep = np.ones(g, dtype=bool)
+    if exclude is not None:
+        keep[np.asarray(exclude, dtype=np.int64)] = False
+    pred, = _as_vectors(np.flatnonzero(keep), pred_effect_G)
+    dist_P = np.abs(true_effects_PG[:, keep] - pred[None, :]).sum(1)
+    rank = int((dist_P < dist_P[own]).sum())
+    return 1.0 - rank / n
+
+
+def centroid_accuracy(pred_G: np.ndarray, true_centroids_PG: np.ndarray, own: int) -> float:
+    """Systema's centroid accuracy (Vinas Torne et al., Nat. Biotechnol. 2025,
+    `centroid_accuracy.py`): the share of the other P - 1 true centroids (pseudo-bulk
+    expression of the candidate perturbations) that lie strictly farther, in Euclidean
+    distance, from the predicted profile than the perturbation's own centroid (row `own`).
+    1 = nearest to its own; NaN with a single candidate."""
+    true_centroids_PG = np.asarray(true_centroids_PG, dtype=np.float64)
+    n = true_centroids_PG.shape[0]
+    if not 0 <= own < n:
+        raise ValueError(f"own row {own} is outside the {n} candidate perturbations")
+    if n < 2:
+        return float("nan")
+    pred, = _as_vectors(None, pred_G)
+    dist_P = np.sqrt(((true_centroids_PG - pred[None, :]) ** 2).sum(1))
+    return float((dist_P > dist_P[own]).sum() / (n - 1))
+
+
+def de_overlap(pred_de: np.ndarray, true_de: np.ndarray) -> float:
+    """cell-eval's `overlap_at_N`: with N the number of true DE genes and both lists ranked
+    (DE by a Wilcoxon test at FDR 0.05, by |log2 fold change|; `pertscale.eval.de`), the share
+    of the true list found among the first N predicted DE genes (all of them when fewer).
+    NaN when the perturbation has no true DE gene (cell-eval writes 0 there)."""
+    true_de, pred_de = np.asarray(true_de), np.asarray(pred_de)
+    n = true_de.size
+    if n == 0:
+        return float("nan")
+    return float(np.intersect1d(true_de, pred_de[:n]).size / n)
+
+
 def direction_accuracy(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,
                        genes: np.ndarray | None = None) -> float:
     """Share of genes whose predicted change sign(pred - ctrl) equals the true sign(true - ctrl)
@@ -108,6 +183,22 @@ _METRICS: dict[str, Callable[..., float]] = {
     "mse_de_nd": lambda p, t, c, de, nd: mse(p, t, nd),
 }
 METRIC_NAMES: tuple[str, ...] = tuple(_METRICS)
+
+# The families a report can show (`report.metrics`), each with its metrics in table order.
+METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
+    "gears": METRIC_NAMES,
+    "cell-eval": ("mae", "discrimination_score_l1", "overlap_at_n"),
+    "systema": ("pearson_delta_pert", "pearson_delta_pert_de", "centroid_accuracy"),
+}
+# Best value of each metric: 0 (lower is better) or 1 (higher is better); R^2 and the Pearson
+# family are bounded by 1 as well.
+BEST_VALUE: dict[str, int] = {
+    **{m: 0 for m in ("mse", "mse_de", "mse_de_nd", "mae")},
+    **{m: 1 for m in ("pearson_delta", "pearson_delta_de", "pearson_delta_de_nd",
+                      "direction_accuracy_de", "r2_mean", "discrimination_score_l1",
+                      "overlap_at_n", "pearson_delta_pert", "pearson_delta_pert_de",
+                      "centroid_accuracy")},
+}
 
 
 def perturbation_metrics(pred: np.ndarray, true: np.ndarray, ctrl: np.ndarray,

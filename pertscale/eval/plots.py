@@ -2,7 +2,8 @@
 
 - `plot_de_deltas`: for a few perturbations, the true and every model's predicted expression
   change on the perturbation's top DE genes (one panel per perturbation, genes on x).
-- `plot_metric_bars`: one metric per model and baseline, grouped by split subgroup.
+- `plot_family_bars`: one panel per metric of a family, one bar per model and baseline,
+  grouped by split subgroup.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pandas as pd
 
 from pertscale.data.perturbation import PerturbationData
 
-__all__ = ["plot_de_deltas", "plot_metric_bars"]
+__all__ = ["plot_de_deltas", "plot_family_bars"]
 
 
 def _pyplot():
@@ -56,27 +57,36 @@ def plot_de_deltas(data: PerturbationData, conditions: list[str],
     return _save(plt, fig, path)
 
 
-def plot_metric_bars(summary: pd.DataFrame, metric: str, path: str | Path, *,
-                     model_order: list[str], subgroup_order: list[str], label: str = "") -> Path:
-    """Grouped bars of `metric`: subgroups on x, one bar per model (missing = not covered)."""
-    if metric not in summary.columns:
-        raise ValueError(f"metric {metric!r} is not a summary column: {list(summary.columns)}")
+def plot_family_bars(summary: pd.DataFrame, metrics: dict[str, str], path: str | Path, *,
+                     model_order: list[str], subgroup_order: list[str], title: str = "") -> Path:
+    """One panel per metric of `metrics` (column -> label): grouped bars with subgroups on x,
+    one bar per model (missing = not covered, or undefined)."""
+    missing = [m for m in metrics if m not in summary.columns]
+    if missing:
+        raise ValueError(f"metrics {missing} are not summary columns: {list(summary.columns)}")
+    if not metrics:
+        raise ValueError("plot_family_bars needs at least one metric")
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(subgroup_order) * len(model_order) / 3), 4))
+    width_in = max(6, 1.6 * len(subgroup_order) * len(model_order) / 3)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(width_in, 3.2 * len(metrics)),
+                             squeeze=False)
     width = 0.8 / max(len(model_order), 1)
-    table = summary.set_index(["subgroup", "model"])[metric]
     x = np.arange(len(subgroup_order))
-    for k, model in enumerate(model_order):
-        values = [table.get((g, model), np.nan) for g in subgroup_order]
-        ax.bar(x + (k - (len(model_order) - 1) / 2) * width, values, width, label=model,
-               color=f"C{k % 10}")
-    ax.axhline(0.0, color="0.5", lw=0.8)
-    ax.set_xticks(x)
-    ax.set_xticklabels(subgroup_order)
-    ax.set_xlabel("split subgroup")
-    ax.set_ylabel(label or metric)
-    ax.set_title(f"{label or metric} per model and baseline (mean over perturbations)")
-    ax.legend(fontsize=8)
+    for ax, (metric, label) in zip(axes[:, 0], metrics.items()):
+        table = summary.set_index(["subgroup", "model"])[metric]
+        for k, model in enumerate(model_order):
+            values = [table.get((g, model), np.nan) for g in subgroup_order]
+            ax.bar(x + (k - (len(model_order) - 1) / 2) * width, values, width, label=model,
+                   color=f"C{k % 10}")
+        ax.axhline(0.0, color="0.5", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(subgroup_order)
+        ax.set_ylabel(label, fontsize=8)
+        ax.set_title(f"{label} (mean over perturbations)", fontsize=9)
+    axes[0, 0].legend(fontsize=7, ncol=4, loc="best")
+    axes[-1, 0].set_xlabel("split subgroup")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(plt, fig, path)
 
 

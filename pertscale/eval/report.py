@@ -1,16 +1,19 @@
 """Evaluation of fitted predictors on a split and the written report.
 
-`evaluate` scores every predictor on every subgroup of a split: per condition, the metrics of
-`pertscale.eval.metrics` on predicted expression ctrl + delta against the true mean, with the
-condition's top DE genes; then the mean over the conditions a predictor covers (n = how many;
-a baseline that does not cover a subgroup, e.g. additive on unseen singles, has no row).
+`evaluate` scores every predictor on every subgroup of a split with a `Scorer` (the metric
+families of `pertscale.eval.scoring`), per condition; `summarise` takes the mean over the
+conditions a predictor covers (n = how many; a baseline that does not cover a subgroup, e.g.
+additive on unseen singles, has no row) and adds each metric normalised against the train-mean
+baseline the way cell-eval scores against its baseline (`normalise`).
 
 `write_report` writes into one folder:
-    report.md           the table of every model beside every baseline per subgroup
-    metrics.csv         the same numbers, one row per (subgroup, model)
+    report.md           one table per metric family, every model beside every baseline per
+                        subgroup, and cell-eval's normalised scores
+    metrics.csv         the same numbers and the normalised ones, one row per (subgroup, model)
     per_condition.csv   every metric of every covered condition
-    summary.json        split, sizes, fitted hyper-parameters, left-out conditions
-    plots/*.png         predicted vs true deltas on top DE genes; metric bars (plots.py)
+    split.json          the split: training, validation and test conditions per subgroup
+    summary.json        sizes, fitted hyper-parameters, left-out conditions
+    plots/*.png         predicted vs true deltas on top DE genes; one figure per metric family
 """
 
 from __future__ import annotations
@@ -24,31 +27,48 @@ import pandas as pd
 
 from pertscale.data.perturbation import PerturbationData
 from pertscale.data.splits import Split
-from pertscale.eval.metrics import METRIC_NAMES, perturbation_metrics
+from pertscale.eval.metrics import BEST_VALUE, METRIC_FAMILIES, METRIC_NAMES, perturbation_metrics
+from pertscale.eval.scoring import Scorer
 
 __all__ = [
+    "NORMALISE_BY",
     "evaluate",
     "markdown_table",
     "metrics_for_logging",
+    "normalise",
     "score_conditions",
     "summarise",
     "write_report",
 ]
 
-# Columns of the markdown table, in order, with the header each gets.
-TABLE_METRICS = {
+# The baseline every metric is normalised against (cell-eval's choice for its challenge).
+NORMALISE_BY = "train_mean"
+# Table headers of every metric, per family in table order.
+HEADERS = {
     "pearson_delta": "Pearson delta",
     "pearson_delta_de": "Pearson delta DE",
     "mse_de": "MSE DE",
     "mse": "MSE",
     "direction_accuracy_de": "direction acc. DE",
     "r2_mean": "R2 mean",
+    "pearson_delta_de_nd": "Pearson delta DE (non-dropout)",
+    "mse_de_nd": "MSE DE (non-dropout)",
+    "mae": "MAE",
+    "discrimination_score_l1": "discrimination (L1)",
+    "overlap_at_n": "DE overlap at N",
+    "pearson_delta_pert": "Pearson delta vs perturbed",
+    "pearson_delta_pert_de": "Pearson delta DE vs perturbed",
+    "centroid_accuracy": "centroid accuracy",
 }
+# GEARS' non-dropout variants stay in the CSV files, out of the printed table.
+TABLE_SKIP = {"pearson_delta_de_nd", "mse_de_nd"}
+VCC_SCORE = "vcc_score"
 
 
 def score_conditions(data: PerturbationData, conditions: list[str],
                      delta_CG: np.ndarray) -> pd.DataFrame:
-    """Metrics per condition (rows with a NaN prediction are not covered and left out)."""
+    """The GEARS metrics per condition (rows with a NaN prediction are not covered and left
+    out); needs no split."""
     rows = []
     for cond, delta_G in zip(conditions, delta_CG):
         if np.isnan(delta_G).any():
@@ -60,55 +80,102 @@ def score_conditions(data: PerturbationData, conditions: list[str],
     return pd.DataFrame(rows, columns=["condition", *METRIC_NAMES])
 
 
-def evaluate(data: PerturbationData, split: Split, predictions: dict[str, dict[str, np.ndarray]]
+def evaluate(scorer: Scorer, split: Split, predictions: dict[str, dict[str, np.ndarray]]
              ) -> pd.DataFrame:
     """Per-condition metrics for `predictions[model][subgroup] = delta [C, G]` (rows in the
     order of `split.subgroups()[subgroup]`)."""
     frames = []
     for model, by_group in predictions.items():
         for subgroup, delta_CG in by_group.items():
-            frame = score_conditions(data, split.subgroups()[subgroup], delta_CG)
+            frame = scorer.score(split.subgroups()[subgroup], delta_CG)
             if len(frame):
                 frames.append(frame.assign(model=model, subgroup=subgroup))
     if not frames:
         raise ValueError("no predictor covers any evaluated condition")
     out = pd.concat(frames, ignore_index=True)
-    return out[["subgroup", "model", "condition", *METRIC_NAMES]]
+    return out[["subgroup", "model", "condition", *scorer.columns]]
+
+
+def _metrics(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c in BEST_VALUE]
+
+
+def normalise(summary: pd.DataFrame, base: str = NORMALISE_BY) -> pd.DataFrame:
+    """`norm_<metric>` columns: each model's mean against the `base` baseline's mean in the same
+    subgroup, as cell-eval's `score_agg_metrics` (lower-is-better: 1 - model / base;
+    higher-is-better: (model - base) / (1 - base)); 0 = the baseline, 1 = perfect, below 0 =
+    worse than the baseline (cell-eval clips at 0; these are not clipped). With the cell-eval
+    family, `vcc_score` is cell-eval's average score of its three metrics (NaN as 0, each
+    clipped at 0, then the mean). No columns when `base` is not in the summary."""
+    rows = summary[summary["model"] == base].set_index("subgroup")
+    if rows.empty:
+        return summary
+    out = summary.copy()
+    for metric in _metrics(summary):
+        ref = out["subgroup"].map(rows[metric])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if BEST_VALUE[metric] == 0:
+                out[f"norm_{metric}"] = 1.0 - out[metric] / ref
+            else:
+                out[f"norm_{metric}"] = (out[metric] - ref) / (1.0 - ref)
+    vcc = [f"norm_{m}" for m in METRIC_FAMILIES["cell-eval"]]
+    if all(c in out.columns for c in vcc):
+        out[VCC_SCORE] = out[vcc].fillna(0.0).clip(lower=0.0).mean(axis=1)
+    return out
 
 
 def summarise(per_condition: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:
-    """Mean of each metric over conditions per (subgroup, model), with n; a NaN metric (e.g.
-    Pearson of the no-change prediction) stays NaN."""
+    """Mean of each metric over conditions per (subgroup, model), with n, and the normalised
+    scores (`normalise`); a NaN metric (e.g. Pearson of the no-change prediction) stays NaN."""
+    metrics = _metrics(per_condition)
     grouped = per_condition.groupby(["subgroup", "model"], sort=False)
-    summary = grouped[list(METRIC_NAMES)].agg(lambda s: s.mean(skipna=False))
+    summary = grouped[metrics].agg(lambda s: s.mean(skipna=False))
     summary.insert(0, "n", grouped.size())
     summary = summary.reset_index()
     summary["_order"] = summary["model"].map({m: i for i, m in enumerate(model_order)})
-    return summary.sort_values(["subgroup", "_order"], kind="stable").drop(columns="_order")
+    summary = summary.sort_values(["subgroup", "_order"], kind="stable").drop(columns="_order")
+    return normalise(summary.reset_index(drop=True))
 
 
 def _fmt(value: float) -> str:
     return "n/a" if pd.isna(value) else f"{value:.4f}"
 
 
-def markdown_table(summary: pd.DataFrame, subgroup_order: list[str]) -> str:
-    """One markdown table: subgroup, model, n, then the TABLE_METRICS columns."""
-    header = ["subgroup", "model", "n", *TABLE_METRICS.values()]
+def _table(summary: pd.DataFrame, subgroup_order: list[str], columns: dict[str, str]) -> str:
+    header = ["subgroup", "model", "n", *columns.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for subgroup in subgroup_order:
         for row in summary[summary["subgroup"] == subgroup].itertuples(index=False):
             r = row._asdict()
-            cells = [subgroup, r["model"], str(r["n"]), *(_fmt(r[m]) for m in TABLE_METRICS)]
+            cells = [subgroup, r["model"], str(r["n"]), *(_fmt(r[m]) for m in columns)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def markdown_table(summary: pd.DataFrame, subgroup_order: list[str]) -> str:
+    """One markdown table per metric family in the summary (subgroup, model, n, then the
+    family's metrics), and cell-eval's scores normalised against the train mean."""
+    parts = []
+    for family, metrics in METRIC_FAMILIES.items():
+        shown = {m: HEADERS[m] for m in metrics if m in summary.columns and m not in TABLE_SKIP}
+        if shown:
+            parts += [f"### {family} metrics", "", _table(summary, subgroup_order, shown), ""]
+    norm = {f"norm_{m}": HEADERS[m] for m in METRIC_FAMILIES["cell-eval"]}
+    if VCC_SCORE in summary.columns:
+        norm[VCC_SCORE] = "VCC score"
+        parts += [f"### cell-eval scores against {NORMALISE_BY} (0 = {NORMALISE_BY}, 1 = perfect)",
+                  "", _table(summary, subgroup_order, norm), ""]
+    return "\n".join(parts).rstrip()
+
+
 def metrics_for_logging(summary: pd.DataFrame) -> dict[str, float]:
-    """`<subgroup>/<model>/<metric>` -> value for MLflow (NaN values are left out)."""
+    """`<subgroup>/<model>/<metric>` -> value for MLflow, normalised scores included (NaN
+    values are left out)."""
+    columns = [c for c in summary.columns if c not in ("subgroup", "model", "n")]
     out = {}
     for row in summary.itertuples(index=False):
         r = row._asdict()
-        for m in METRIC_NAMES:
+        for m in columns:
             if not pd.isna(r[m]):
                 out[f"{r['subgroup']}/{r['model']}/{m}"] = float(r[m])
     return out
@@ -117,13 +184,14 @@ def metrics_for_logging(summary: pd.DataFrame) -> dict[str, float]:
 def write_report(out_dir: str | Path, *, title: str, data: PerturbationData, split: Split,
                  per_condition: pd.DataFrame, summary: pd.DataFrame,
                  meta: dict[str, Any], plots: list[Path]) -> Path:
-    """Write report.md, metrics.csv, per_condition.csv and summary.json into `out_dir`;
+    """Write report.md, metrics.csv, per_condition.csv, split.json and summary.json into `out_dir`;
     returns the report.md path. `plots` are PNGs already written under out_dir/plots."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = list(split.subgroups())
     summary.to_csv(out / "metrics.csv", index=False)
     per_condition.to_csv(out / "per_condition.csv", index=False)
+    (out / "split.json").write_text(json.dumps(split.to_dict(), indent=2) + "\n")
     sizes = {g: len(c) for g, c in split.subgroups().items()}
     info = {"title": title, "split": split.name, "n_train": len(split.train),
             "subgroup_sizes": sizes, "dropped_conditions": data.dropped,
@@ -140,6 +208,17 @@ def write_report(out_dir: str | Path, *, title: str, data: PerturbationData, spl
         "MSE is the mean squared error (not its root); n/a = undefined "
         "(Pearson of a constant prediction)."),
     ]
+    if "mae" in summary.columns:
+        lines.append(
+            "- cell-eval: on predicted cells max(control cell + delta, 0) against the real cells; "
+            "discrimination among every evaluated condition of the covariate (target genes left "
+            "out); DE overlap at N = shared Wilcoxon DE genes (FDR < 0.05, by |log2 fold change|) "
+            "at the true DE count, n/a without true DE genes.")
+    if "pearson_delta_pert" in summary.columns:
+        lines.append(
+            "- systema: deltas against the mean of the perturbed centroids of the covariate "
+            "(not control); centroid accuracy = share of the other evaluated conditions' true "
+            "centroids farther from the prediction than its own.")
     if data.dropped:
         lines.append(f"- left out (fewer cells than min_cells): {data.dropped}")
     for key, value in meta.items():

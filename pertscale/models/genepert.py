@@ -22,6 +22,9 @@ conditions of one perturbation in several cell types never sit on both sides of 
 folds run through the `map_fn` it is given (one Ray task per fold in `pertscale fit`), each
 scoring every alpha from one SVD (`ridge_path_predict`); the chosen alpha has the best mean
 score (lowest MSE, or highest Pearson of the deltas), then one fit on every training condition.
+When that best alpha is an edge of the grid the curve is still improving there: a warning says
+so and, by default (`extend_grid`), alphas past that edge are scored until the best is inside
+the grid (`max_grid_extensions` at most).
 
 A registered GenePert carries its embedding table as a tensor: a pulled version predicts any
 gene of that table without reading a file (so nothing in a pulled model can open one).
@@ -79,6 +82,8 @@ class GenePertConfig(ModelConfig):
     cv_metric: str = "mse"  # mse (lower is better) | pearson_delta (higher is better)
     fit_intercept: bool = True  # centre features and targets, as sklearn's Ridge
     seed: int = 0  # fold assignment seed
+    extend_grid: bool = True  # when CV picks the edge of alphas, warn and try alphas beyond it
+    max_grid_extensions: int = 4  # alphas added beyond an edge at most (each x or / the edge step)
 
     def __post_init__(self) -> None:
         self._check_name("genepert")
@@ -88,6 +93,9 @@ class GenePertConfig(ModelConfig):
             check_range(f"alphas[{i}]", a, 0, lo_open=True)
         check_range("n_folds", self.n_folds, 2)
         check_choice("cv_metric", self.cv_metric, CV_METRICS)
+        check_range("max_grid_extensions", self.max_grid_extensions, 0)
+        if len(set(self.alphas)) != len(self.alphas):
+            raise ConfigError(f"alphas {self.alphas} lists a penalty twice")
 
 SOLVERS = ("auto", "primal", "dual")
 
@@ -260,21 +268,55 @@ def _folds(groups: list[str], n_folds: int, seed: int) -> list[np.ndarray]:
     return [np.flatnonzero(assigned == k) for k in range(n_folds)]
 
 
+def _edge_step(alphas: list[float], upper: bool) -> float:
+    """The grid's own ratio at an edge (x10 for a single alpha or a ratio of 1)."""
+    if len(alphas) < 2:
+        return 10.0
+    ratio = alphas[-1] / alphas[-2] if upper else alphas[1] / alphas[0]
+    return ratio if ratio > 1.0 else 10.0
+
+
 def cross_validate_alpha(x_PD: np.ndarray, y_PG: np.ndarray, groups: list[str],
                          cfg: GenePertConfig, map_fn: MapFn = serial_map
-                         ) -> tuple[float, np.ndarray]:
-    """Best alpha and the score table [folds, alphas]; one `map_fn` item per fold."""
+                         ) -> tuple[float, np.ndarray, list[float]]:
+    """Best alpha, the score table [folds, alphas] and the alphas scored (sorted), one `map_fn`
+    item per fold. When the best alpha is the smallest or largest tried (the curve still
+    improving towards the edge), a warning says so and, with `extend_grid`, the grid grows past
+    that edge by its own step, up to `max_grid_extensions` alphas, until the best is inside."""
     folds = _folds(groups, cfg.n_folds, cfg.seed)
     every = np.arange(len(groups))
-    scores_FA = np.stack(map_fn(
-        _fold_scores, (np.asarray(x_PD), np.asarray(y_PG), list(cfg.alphas), cfg.fit_intercept,
-                       cfg.cv_metric),
-        [(np.setdiff1d(every, val), val) for val in folds]))
-    mean_A = scores_FA.mean(0)
-    best = int(np.argmin(mean_A) if cfg.cv_metric == "mse" else np.nanargmax(mean_A))
-    log.info("GenePert CV (%s) per alpha %s: %s -> alpha=%s", cfg.cv_metric, cfg.alphas,
-             np.round(mean_A, 5).tolist(), cfg.alphas[best])
-    return float(cfg.alphas[best]), scores_FA
+    items = [(np.setdiff1d(every, val), val) for val in folds]
+    shared = (np.asarray(x_PD), np.asarray(y_PG))
+
+    def score(alphas: list[float]) -> np.ndarray:
+        return np.stack(map_fn(_fold_scores, (*shared, alphas, cfg.fit_intercept,
+                                              cfg.cv_metric), items))
+
+    alphas = sorted(float(a) for a in cfg.alphas)
+    scores_FA = score(alphas)
+    added = 0
+    while True:
+        mean_A = scores_FA.mean(0)
+        best = int(np.argmin(mean_A) if cfg.cv_metric == "mse" else np.nanargmax(mean_A))
+        edge = "largest" if best == len(alphas) - 1 else "smallest" if best == 0 else ""
+        if not edge:
+            break
+        if not cfg.extend_grid or added >= cfg.max_grid_extensions:
+            log.warning("GenePert CV picked alpha=%g, the %s alpha tried (%s), with the score "
+                        "still improving towards it; the best penalty may lie beyond: widen "
+                        "model.alphas", alphas[best], edge, alphas)
+            break
+        upper = edge == "largest"
+        new = alphas[best] * _edge_step(alphas, upper) ** (1 if upper else -1)
+        log.warning("GenePert CV picked alpha=%g, the %s alpha tried; extending the grid to "
+                    "alpha=%g", alphas[best], edge, new)
+        new_FA = score([new])
+        alphas = [*alphas, new] if upper else [new, *alphas]
+        scores_FA = np.hstack([scores_FA, new_FA] if upper else [new_FA, scores_FA])
+        added += 1
+    log.info("GenePert CV (%s) per alpha %s: %s -> alpha=%s", cfg.cv_metric, alphas,
+             np.round(mean_A, 5).tolist(), alphas[best])
+    return alphas[best], scores_FA, alphas
 
 
 class GenePertModel:
@@ -326,12 +368,12 @@ def fit_genepert(cfg: GenePertConfig, data: Any, train: list[str], *, features: 
                           table_source=features.source, table_sha256=features.sha256)
     x_PD = model.features(perts)
     y_PG = np.stack([data.delta(c) for c in train])
-    alpha, scores = cfg.alphas[0], None
+    alpha, scores, alphas = cfg.alphas[0], None, list(cfg.alphas)
     if len(cfg.alphas) > 1:
         groups = [data.conditions.at[c, "perturbation"] for c in train]
-        alpha, scores = cross_validate_alpha(x_PD, y_PG, groups, cfg, map_fn)
+        alpha, scores, alphas = cross_validate_alpha(x_PD, y_PG, groups, cfg, map_fn)
     model.ridge = GenePert(alpha, fit_intercept=cfg.fit_intercept).fit(x_PD, y_PG)
-    model.cv_scores, model.alphas = scores, list(cfg.alphas)
+    model.cv_scores, model.alphas = scores, alphas
     return model
 
 

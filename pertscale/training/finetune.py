@@ -96,7 +96,12 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
     from pertscale.data.perturbation import load_perturbation_data
     from pertscale.data.splits import build_split
     from pertscale.eval.commands import ModelPredictor, eval_summary
-    from pertscale.eval.evaluation import build_baselines, make_report, run_predictors
+    from pertscale.eval.evaluation import (
+        build_baselines,
+        make_report,
+        report_cells,
+        run_predictors,
+    )
     from pertscale.models import get_spec
     from pertscale.store import open_store
     from pertscale.tracking import log_model
@@ -129,8 +134,9 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
         meta = {spec.name: {**training, "epochs": job.epochs, **init_tags}, "prepared": prepared}
         if logger is not None:
             logger.log_params({f"prepared.{k}": v for k, v in prepared.items()})
+        cells = report_cells(job.report, src, job.data.perturbation, data, split)
         report = make_report(job.report, run_name=launched.run_name, data=data, split=split,
-                             predictions=predictions, meta=meta, logger=logger)
+                             predictions=predictions, meta=meta, cells=cells, logger=logger)
         model_uri = None
         if logger is not None:
             model_uri = log_model(

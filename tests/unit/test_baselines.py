@@ -107,3 +107,15 @@ def test_linear_with_embedding_table():
 def test_unknown_baseline_lists_choices():
     with pytest.raises(ValueError, match=str(sorted(BASELINES)).replace("[", r"\[")):
         build_baseline("median")
+
+
+def test_matching_mean_averages_the_seen_singles_else_the_train_mean(data):
+    pred = build_baseline("matching_mean").fit(data, TRAIN).predict_delta(
+        data, ["t1/G0+G1", "t1/G2+G3", "t1/G2"])
+    g0 = (data.delta("t1/G0") + data.delta("t2/G0")) / 2
+    g1 = (data.delta("t1/G1") + data.delta("t2/G1")) / 2
+    np.testing.assert_allclose(pred[0], (g0 + g1) / 2)
+    # G2+G3: only G3 has a training single (in t2)
+    np.testing.assert_allclose(pred[1], data.delta("t2/G3"))
+    # G2 was never seen: the mean delta of every training condition
+    np.testing.assert_allclose(pred[2], np.mean([data.delta(c) for c in TRAIN], axis=0))

@@ -143,3 +143,39 @@ def test_learns_unseen_single_perturbations(simulated):
     assert ours["pearson_delta_de"] > base["pearson_delta_de"] + 0.1
     assert ours["mse_de"] < base["mse_de"]
     assert ours["pearson_delta"] > base["pearson_delta"]
+
+
+@pytest.fixture
+def cv_problem():
+    """A ridge problem whose cross-validated best alpha is 10 on the grid 0.1 ... 1000."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 12))
+    y = x @ rng.normal(size=(12, 5)) * 0.3 + rng.normal(size=(40, 5))
+    return x, y, [f"p{i}" for i in range(40)]
+
+
+@pytest.mark.parametrize("grid", [[1e-3, 1e-2], [1e4, 1e5]])
+def test_cv_at_the_edge_of_the_grid_warns_and_extends_it(cv_problem, grid, caplog):
+    from pertscale.models.genepert import GenePertConfig, cross_validate_alpha
+
+    x, y, groups = cv_problem
+    alpha, full, _ = cross_validate_alpha(x, y, groups, GenePertConfig(alphas=[0.1, 1, 10, 100,
+                                                                               1000]))
+    assert alpha == 10.0
+    with caplog.at_level("WARNING", logger="pertscale.models.genepert"):
+        alpha, scores, alphas = cross_validate_alpha(x, y, groups, GenePertConfig(alphas=grid))
+    assert alpha == pytest.approx(10.0)
+    assert alphas[0] < alpha < alphas[-1]  # the best now lies inside the grid
+    assert scores.shape == (5, len(alphas))
+    assert "extending the grid" in caplog.text
+
+
+def test_cv_edge_without_extension_warns_and_keeps_the_grid(cv_problem, caplog):
+    from pertscale.models.genepert import GenePertConfig, cross_validate_alpha
+
+    x, y, groups = cv_problem
+    with caplog.at_level("WARNING", logger="pertscale.models.genepert"):
+        alpha, _, alphas = cross_validate_alpha(
+            x, y, groups, GenePertConfig(alphas=[1e-3, 1e-2], extend_grid=False))
+    assert (alpha, alphas) == (1e-2, [1e-3, 1e-2])
+    assert "the largest alpha tried" in caplog.text and "widen model.alphas" in caplog.text

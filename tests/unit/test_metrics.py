@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from pertscale.eval.metrics import (
+    BEST_VALUE,
+    METRIC_FAMILIES,
     METRIC_NAMES,
+    centroid_accuracy,
+    de_overlap,
     direction_accuracy,
+    discrimination_score,
+    mae,
     mse,
     pearson_delta,
     perturbation_metrics,
@@ -84,3 +90,52 @@ def test_empty_or_out_of_range_genes_are_errors():
         mse(PRED, TRUE, genes=np.array([], dtype=int))
     with pytest.raises(ValueError, match="out of range"):
         mse(PRED, TRUE, genes=[7])
+
+
+def test_mae_is_mean_absolute_error_of_expression():
+    # |1-1|, |2-3|, |0-2|, |4-3| -> (0 + 1 + 2 + 1) / 4
+    assert mae([1.0, 2.0, 0.0, 4.0], [1.0, 3.0, 2.0, 3.0]) == pytest.approx(1.0)
+    assert mae([1.0, 2.0, 0.0, 4.0], [1.0, 3.0, 2.0, 3.0], genes=[2, 3]) == pytest.approx(1.5)
+
+
+# three candidate perturbations' true effects over 3 genes (gene 2 is the target of row 0)
+EFFECTS = np.array([[1.0, 0.0, -5.0],
+                    [0.0, 1.0, 0.0],
+                    [2.0, 2.0, 0.0]])
+
+
+def test_discrimination_score_ranks_the_true_effect_by_l1_distance():
+    # predicted (0.9, 0.1, 0): L1 to rows 0..2 over genes 0, 1 (target 2 left out): 0.2, 1.8, 3.0
+    assert discrimination_score([0.9, 0.1, 0.0], EFFECTS, 0, exclude=[2]) == 1.0
+    # with the target gene kept, row 0 is at 5.2 and two rows are nearer: 1 - 2/3
+    assert discrimination_score([0.9, 0.1, 0.0], EFFECTS, 0) == pytest.approx(1 / 3)
+    # predicted (0.6, 1.5, 0): L1 over genes 0, 1 to rows 0..2: 1.9, 1.1, 1.9
+    assert discrimination_score([0.6, 1.5, 0.0], EFFECTS, 1, exclude=[2]) == 1.0
+    # own row 2: row 1 is nearer, row 0 ties (a tie is not nearer): rank 1 of 3
+    assert discrimination_score([0.6, 1.5, 0.0], EFFECTS, 2, exclude=[2]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="outside the 3 candidate"):
+        discrimination_score([0.0, 0.0, 0.0], EFFECTS, 3)
+
+
+def test_centroid_accuracy_is_share_of_other_centroids_farther_than_own():
+    centroids = np.array([[0.0, 0.0], [2.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    # prediction (1.2, 0): distances 1.2, 0.8, 2.33, 3.36 -> own row 0 beats rows 2 and 3 of 3
+    assert centroid_accuracy([1.2, 0.0], centroids, 0) == pytest.approx(2 / 3)
+    assert centroid_accuracy([1.2, 0.0], centroids, 1) == 1.0
+    assert centroid_accuracy([3.0, 3.0], centroids, 0) == 0.0
+    assert np.isnan(centroid_accuracy([1.0, 1.0], centroids[:1], 0))
+
+
+def test_de_overlap_at_the_true_de_count():
+    true_de = np.array([4, 1, 7])
+    # first 3 predicted DE genes are 1, 9, 4: two of the three true ones
+    assert de_overlap(np.array([1, 9, 4, 7, 2]), true_de) == pytest.approx(2 / 3)
+    # fewer predicted DE genes than true ones: all of them count
+    assert de_overlap(np.array([7]), true_de) == pytest.approx(1 / 3)
+    assert de_overlap(np.array([], dtype=int), true_de) == 0.0
+    assert np.isnan(de_overlap(np.array([1, 2]), np.array([], dtype=int)))
+
+
+def test_every_family_metric_has_a_best_value():
+    for family, names in METRIC_FAMILIES.items():
+        assert set(names) <= set(BEST_VALUE), family
