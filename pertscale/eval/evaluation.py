@@ -22,7 +22,7 @@ from pertscale.eval.config import EmbeddingsConfig, EvalDataConfig, ReportConfig
 from pertscale.eval.metrics import METRIC_FAMILIES
 from pertscale.eval.plots import plot_de_deltas, plot_family_bars
 from pertscale.eval.report import HEADERS, evaluate, markdown_table, summarise, write_report
-from pertscale.eval.scoring import Scorer, EvalCells, load_eval_cells
+from pertscale.eval.scoring import EvalCells, Scorer, load_eval_cells
 from pertscale.paths import storage_root
 
 __all__ = [

@@ -40,7 +40,7 @@ from pertscale.eval.metrics import (
     perturbation_metrics,
 )
 
-__all__ = ["Scorer", "EvalCells", "load_eval_cells", "metric_columns"]
+__all__ = ["EvalCells", "Scorer", "load_eval_cells", "metric_columns"]
 
 
 def metric_columns(families: list[str]) -> list[str]:

@@ -159,7 +159,7 @@ def test_cv_at_the_edge_of_the_grid_warns_and_extends_it(cv_problem, grid, caplo
     from pertscale.models.genepert import GenePertConfig, cross_validate_alpha
 
     x, y, groups = cv_problem
-    alpha, full, _ = cross_validate_alpha(x, y, groups, GenePertConfig(alphas=[0.1, 1, 10, 100,
+    alpha, _, _ = cross_validate_alpha(x, y, groups, GenePertConfig(alphas=[0.1, 1, 10, 100,
                                                                                1000]))
     assert alpha == 10.0
     with caplog.at_level("WARNING", logger="pertscale.models.genepert"):

@@ -75,7 +75,7 @@ def test_scores_normalised_against_train_mean_as_cell_eval(setup):
 
 
 def test_one_table_per_family_and_logged_metrics(setup):
-    data, split, preds, per = setup
+    _, split, preds, per = setup
     summary = summarise(per, list(preds))
     table = markdown_table(summary, list(split.subgroups()))
     for family in FAMILIES:

@@ -14,7 +14,7 @@ from pertscale.data.perturbation import (
 )
 from pertscale.data.splits import Split
 from pertscale.eval.metrics import pearson_delta
-from pertscale.eval.scoring import Scorer, EvalCells, metric_columns
+from pertscale.eval.scoring import EvalCells, Scorer, metric_columns
 
 GENES = [f"G{i}" for i in range(10)]
 LABELS = {"a": ["G0", "G1", "G2", "G3", "G0+G1"], "b": ["G0", "G4"]}
