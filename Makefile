@@ -9,6 +9,8 @@ export OMP_NUM_THREADS ?= 2
 # checkout, so a build killed elsewhere can never leave a lock that hangs this one.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
+CELLEVAL_STAMP := .venv-celleval/.installed
+
 .PHONY: venv quickstart test test-fast bench-ingest clean
 
 $(STAMP): pyproject.toml
@@ -21,11 +23,18 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# cell-eval, the Virtual Cell Challenge's evaluator, in its own venv: the tests check that our
+# cell-eval metrics equal its own. Never a dependency of pertscale.
+$(CELLEVAL_STAMP):
+	test -x .venv-celleval/bin/python || $(PY) -m venv .venv-celleval
+	.venv-celleval/bin/pip install -q cell-eval==0.8.2
+	touch $(CELLEVAL_STAMP)
+
 quickstart: $(STAMP)
 	$(BIN)/pertscale quickstart --config configs/quickstart.toml
 
 # NOTE: pytest exits 5 when it collected no test; that is a failure here, said in words.
-test: $(STAMP)
+test: $(STAMP) $(CELLEVAL_STAMP)
 	$(BIN)/python -m pytest tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
@@ -36,4 +45,4 @@ bench-ingest: $(STAMP)
 	$(BIN)/pertscale bench ingest --n-cells 200000
 
 clean:
-	rm -rf $(VENV) storage/stores storage/mlflow storage/checkpoints storage/runs
+	rm -rf $(VENV) .venv-celleval storage/stores storage/mlflow storage/checkpoints storage/runs

@@ -63,6 +63,9 @@ HEADERS = {
 # GEARS' non-dropout variants stay in the CSV files, out of the printed table.
 TABLE_SKIP = {"pearson_delta_de_nd", "mse_de_nd"}
 VCC_SCORE = "vcc_score"
+# Metrics whose NaN comes from the truth alone (no true DE gene; a single candidate), the same
+# for every model: their means skip those conditions.
+TRUTH_UNDEFINED = {"overlap_at_n", "centroid_accuracy"}
 
 
 def score_conditions(data: PerturbationData, conditions: list[str],
@@ -126,10 +129,14 @@ def normalise(summary: pd.DataFrame, base: str = NORMALISE_BY) -> pd.DataFrame:
 
 def summarise(per_condition: pd.DataFrame, model_order: list[str]) -> pd.DataFrame:
     """Mean of each metric over conditions per (subgroup, model), with n, and the normalised
-    scores (`normalise`); a NaN metric (e.g. Pearson of the no-change prediction) stays NaN."""
+    scores (`normalise`); a NaN metric (e.g. Pearson of the no-change prediction) stays NaN,
+    except where the truth alone leaves it undefined (`TRUTH_UNDEFINED`, e.g. DE overlap of a
+    condition without true DE genes): those conditions are left out of that mean."""
     metrics = _metrics(per_condition)
     grouped = per_condition.groupby(["subgroup", "model"], sort=False)
-    summary = grouped[metrics].agg(lambda s: s.mean(skipna=False))
+    summary = grouped[metrics].agg(
+        {m: (lambda s: s.mean()) if m in TRUTH_UNDEFINED else (lambda s: s.mean(skipna=False))
+         for m in metrics})
     summary.insert(0, "n", grouped.size())
     summary = summary.reset_index()
     summary["_order"] = summary["model"].map({m: i for i, m in enumerate(model_order)})

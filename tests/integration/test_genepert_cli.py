@@ -61,7 +61,13 @@ def test_fit_then_evaluate(ray_session, screen, storage_dir, tmp_path, capsys):
 
     fit = pd.read_csv(tmp_path / "fit" / "metrics.csv")
     models = set(fit["model"])
-    assert models == {"genepert", "no_change", "train_mean", "additive", "linear"}
+    assert models == {"genepert", "no_change", "train_mean", "additive", "matching_mean", "linear"}
+    # every family's metrics, and each normalised against the train mean
+    assert {"mse_de", "mae", "discrimination_score_l1", "overlap_at_n", "pearson_delta_pert",
+            "centroid_accuracy", "norm_mae", "vcc_score"} <= set(fit.columns)
+    assert (fit.loc[fit["model"] == "train_mean", "norm_mae"] == 0).all()
+    for family in ("gears", "cell-eval", "systema"):
+        assert f"### {family} metrics" in printed
     single = fit[fit["subgroup"] == "unseen_single"].set_index("model")
     assert single.at["genepert", "pearson_delta_de"] > single.at["train_mean", "pearson_delta_de"]
     assert single.at["genepert", "mse_de"] < single.at["train_mean", "mse_de"]
@@ -70,7 +76,8 @@ def test_fit_then_evaluate(ray_session, screen, storage_dir, tmp_path, capsys):
     for png in (tmp_path / "fit" / "plots").glob("*.png"):
         _png_ok(png)
     assert {p.name for p in (tmp_path / "fit" / "plots").glob("*.png")} >= {
-        "de_unseen_single.png", "bars_pearson_delta_de.png", "bars_mse_de.png"}
+        "de_unseen_single.png", "metrics_gears.png", "metrics_cell-eval.png",
+        "metrics_systema.png"}
 
     # MLflow: params, per-split metrics, the report folder, the registered weights
     client = mlflow.MlflowClient(default_tracking_uri())
@@ -81,15 +88,23 @@ def test_fit_then_evaluate(ray_session, screen, storage_dir, tmp_path, capsys):
     assert run.data.metrics["unseen_single/genepert/pearson_delta_de"] == pytest.approx(
         single.at["genepert", "pearson_delta_de"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    assert "report/report.md" in artifacts and "report/plots" in artifacts
+    assert {"report/report.md", "report/plots", "report/per_condition.csv",
+            "report/split.json"} <= artifacts
+    assert run.data.metrics["unseen_single/genepert/overlap_at_n"] == pytest.approx(
+        single.at["genepert", "overlap_at_n"])
     pulled = pull_model("models:/pertscale-genepert@latest")
     assert pulled.config["model"] == "genepert" and pulled.state_dict["coef"].shape[1] == 300
 
     # evaluate pulls that model: the same split gives the same GenePert numbers
     assert main(["evaluate", "--config", str(REPO / "configs/evaluate.toml"),
                  f"--data.store_uri={store}", f"--report.out_dir={tmp_path / 'eval'}"]) == 0
+    printed = capsys.readouterr().out
+    for family in ("gears", "cell-eval", "systema"):
+        assert f"### {family} metrics" in printed
+    assert "| unseen_single | matching_mean |" in printed and "VCC score" in printed
     again = pd.read_csv(tmp_path / "eval" / "metrics.csv")
-    cols = ["subgroup", "model", "n", "pearson_delta", "mse_de"]
+    cols = ["subgroup", "model", "n", "pearson_delta", "mse_de", "mae", "overlap_at_n",
+            "centroid_accuracy"]
     left = fit[fit["model"] == "genepert"][cols].reset_index(drop=True)
     right = again[again["model"] == "genepert"][cols].reset_index(drop=True)
     pd.testing.assert_frame_equal(left, right, rtol=1e-9)
@@ -99,7 +114,19 @@ def test_fit_then_evaluate(ray_session, screen, storage_dir, tmp_path, capsys):
                  f"--data.store_uri={store}", "--models=[]", "--baselines_only=true",
                  f"--report.out_dir={tmp_path / 'base'}"]) == 0
     alone = pd.read_csv(tmp_path / "base" / "metrics.csv")
-    assert set(alone["model"]) == {"no_change", "train_mean", "additive", "linear"}
+    assert set(alone["model"]) == {"no_change", "train_mean", "additive", "matching_mean",
+                                   "linear"}
+    # one family on request
+    capsys.readouterr()
+    assert main(["evaluate", "--config", str(REPO / "configs/evaluate.toml"),
+                 f"--data.store_uri={store}", "--metrics", "systema",
+                 f"--report.out_dir={tmp_path / 'systema'}"]) == 0
+    printed = capsys.readouterr().out
+    assert "### systema metrics" in printed and "### gears metrics" not in printed
+    assert "mae" not in pd.read_csv(tmp_path / "systema" / "metrics.csv").columns
+    assert main(["evaluate", "--config", str(REPO / "configs/evaluate.toml"),
+                 f"--data.store_uri={store}", "--metrics", "gears,scib"]) == 2
+    assert "metrics[1]='scib' is not one of" in capsys.readouterr().err
     assert main(["evaluate", "--config", str(REPO / "configs/evaluate.toml"),
                  f"--data.store_uri={store}", "--models=[]"]) == 2
     assert "set baselines_only = true" in capsys.readouterr().err
@@ -203,7 +230,8 @@ def test_norman_report_from_ingested_store(ray_session, storage_dir, tmp_path):
                  f"--report.out_dir={tmp_path / 'rep'}"]) == 0
     metrics = pd.read_csv(tmp_path / "rep" / "metrics.csv")
     assert {"unseen_single", "combo_seen2"} <= set(metrics["subgroup"])
-    assert set(metrics["model"]) == {"genepert", "no_change", "train_mean", "additive", "linear"}
+    assert set(metrics["model"]) == {"genepert", "no_change", "train_mean", "additive",
+                                     "matching_mean", "linear"}
     # 33 norman19 perturbations, none of mcfaline23's
     sizes = metrics.drop_duplicates("subgroup").set_index("subgroup")
     assert np.isfinite(metrics[metrics["model"] == "genepert"]["pearson_delta"]).all()

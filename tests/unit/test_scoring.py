@@ -126,3 +126,29 @@ def test_uncovered_rows_are_left_out(setup):
     out = scorer.score(["a/G2", "a/G3"], delta)
     assert out["condition"].tolist() == ["a/G3"]
     assert list(out.columns) == ["condition", *scorer.columns]
+
+
+def test_perturbed_reference_removes_the_shared_shift():
+    """Every perturbation shares one large shift plus a small effect of its own: the train mean
+    (the shift alone) looks excellent by control-referenced Pearson delta and scores about
+    nothing against the perturbed reference, where a prediction of the own effects stays high."""
+    from test_baselines import make_data
+
+    data = make_data({"t": ["G0", "G1", "G2", "G3", "G4", "G5"]}, seed=4)
+    rng = np.random.default_rng(4)
+    ctrl = data.mean("t/ctrl")
+    shared = rng.normal(0, 2.0, ctrl.size)
+    for cond in data.perturbed:
+        data.mean_XG[data.row(cond)] = ctrl + shared + rng.normal(0, 0.3, ctrl.size)
+    split = Split("s", train=["t/G0", "t/G1", "t/G2"], val=[],
+                  test={"unseen_single": ["t/G3", "t/G4", "t/G5"]})
+    scorer = Scorer(data, split, ["gears", "systema"])
+    test = split.test["unseen_single"]
+    mean = np.mean([data.delta(c) for c in split.train], axis=0)
+    base = scorer.score(test, np.tile(mean, (3, 1))).mean(numeric_only=True)
+    own = scorer.score(test, np.stack([data.delta(c) for c in test])
+                       + rng.normal(0, 0.05, (3, ctrl.size))).mean(numeric_only=True)
+    assert base["pearson_delta"] > 0.9
+    assert abs(base["pearson_delta_pert"]) < 0.5
+    assert own["pearson_delta_pert"] > 0.9
+    assert own["centroid_accuracy"] == 1.0
