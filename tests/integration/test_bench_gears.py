@@ -18,8 +18,14 @@ PEER_PYTHON = REPO / ".venv-gears" / "bin" / "python"
 def test_missing_peer_python_is_named(tmp_path):
     from pertscale.bench.finetune import main
 
+    # NOTE: stand-in inputs, so the peer's python is the one missing path (also without
+    # ../shared/data)
+    h5ad, go = tmp_path / "cells.h5ad", tmp_path / "go.tsv"
+    h5ad.touch()
+    go.touch()
     with pytest.raises(FileNotFoundError, match="nope/python"):
-        main(["--peer-python", str(tmp_path / "nope" / "python"), "--work", str(tmp_path)])
+        main(["--peer-python", str(tmp_path / "nope" / "python"), "--work", str(tmp_path),
+              "--h5ad", str(h5ad), "--go", str(go)])
 
 
 @pytest.mark.skipif(not PEER_PYTHON.is_file(),
