@@ -76,8 +76,7 @@ class EvalCells:
 
 def load_eval_cells(src: Any, cfg: Any, data: PerturbationData, split: Split) -> EvalCells:
     """Read the cells of every evaluated condition (the split's subgroups) and of their controls
-    from the open store `src`
-    (read with the PerturbationConfig `cfg` the data were computed with)."""
+    from the open store `src`, with the PerturbationConfig `cfg` the data were computed with."""
     test = [c for conds in split.subgroups().values() for c in conds]
     wanted = sorted(set(test) | {data.control_of(c) for c in test})
     return EvalCells.from_matrices(data, read_condition_cells(src, cfg, data, wanted))
