@@ -202,6 +202,12 @@ class PerturbationData:
     def perturbation(self, condition: str) -> Perturbation:
         return self.perturbations[self.conditions.at[condition, "perturbation"]]
 
+    def gene_rows(self) -> dict[str, int]:
+        """Gene id or symbol -> its column (an id wins over another gene's equal symbol)."""
+        row = {s: i for i, s in enumerate(self.symbols)}
+        row.update({g: i for i, g in enumerate(self.genes)})
+        return row
+
 
 def _condition_id(pert: str, covariate: str) -> str:
     return f"{covariate}/{pert}" if covariate else pert

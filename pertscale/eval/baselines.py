@@ -164,8 +164,7 @@ class Linear:
         if self.cfg.pert_embedding == "table":
             return embed_perturbations([p.genes for p in perts], self.embeddings.genes,
                                        self.embeddings.emb_ND, [p.signs for p in perts])
-        row = {s: i for i, s in enumerate(data.symbols)}
-        row.update({g: i for i, g in enumerate(data.genes)})
+        row = data.gene_rows()
         missing = sorted({g for p in perts for g in p.genes if g not in row})
         if missing:
             raise ValueError(

@@ -27,7 +27,7 @@ import pandas as pd
 
 from pertscale.data.perturbation import PerturbationData
 from pertscale.data.splits import Split
-from pertscale.eval.metrics import BEST_VALUE, METRIC_FAMILIES, METRIC_NAMES, perturbation_metrics
+from pertscale.eval.metrics import BEST_VALUE, METRIC_FAMILIES
 from pertscale.eval.scoring import Scorer
 
 __all__ = [
@@ -72,15 +72,8 @@ def score_conditions(data: PerturbationData, conditions: list[str],
                      delta_CG: np.ndarray) -> pd.DataFrame:
     """The GEARS metrics per condition (rows with a NaN prediction are not covered and left
     out); needs no split."""
-    rows = []
-    for cond, delta_G in zip(conditions, delta_CG):
-        if np.isnan(delta_G).any():
-            continue
-        ctrl_G = data.ctrl_mean(cond)
-        rows.append({"condition": cond, **perturbation_metrics(
-            ctrl_G + delta_G, data.mean(cond), ctrl_G, data.de_idx[cond],
-            data.de_nd_idx[cond])})
-    return pd.DataFrame(rows, columns=["condition", *METRIC_NAMES])
+    scorer = Scorer(data, Split("conditions", [], [], {"all": list(conditions)}), ["gears"])
+    return scorer.score(conditions, delta_CG)
 
 
 def evaluate(scorer: Scorer, split: Split, predictions: dict[str, dict[str, np.ndarray]]

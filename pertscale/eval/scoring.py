@@ -102,8 +102,7 @@ class Scorer:
                            .mean(0) for v in self._candidates}
         self._centroids = {v: np.stack([data.mean(c) for c in conds])
                            for v, conds in self._candidates.items()}
-        row = {s: i for i, s in enumerate(data.symbols)}
-        row.update({g: i for i, g in enumerate(data.genes)})
+        row = data.gene_rows()
         self._targets = {c: np.array(sorted({row[g] for g in data.perturbation(c).genes
                                              if g in row}), dtype=np.int64) for c in test}
         if cells is not None and "cell-eval" in self.families:

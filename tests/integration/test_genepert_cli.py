@@ -102,6 +102,10 @@ def test_fit_then_evaluate(ray_session, screen, storage_dir, tmp_path, capsys):
     for family in ("gears", "cell-eval", "systema"):
         assert f"### {family} metrics" in printed
     assert "| unseen_single | matching_mean |" in printed and "VCC score" in printed
+    evaluated = client.search_runs(
+        client.get_experiment_by_name("pertscale-evaluate").experiment_id)[0]
+    assert {"report/per_condition.csv", "report/split.json"} <= {
+        a.path for a in client.list_artifacts(evaluated.info.run_id, "report")}
     again = pd.read_csv(tmp_path / "eval" / "metrics.csv")
     cols = ["subgroup", "model", "n", "pearson_delta", "mse_de", "mae", "overlap_at_n",
             "centroid_accuracy"]
