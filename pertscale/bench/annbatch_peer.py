@@ -2,10 +2,12 @@
 
 annbatch needs Python >= 3.12 and its own dependencies, so the bench runs this file with the
 interpreter given by `--peer-python` (a venv with annbatch installed); it imports nothing from
-pertscale. It converts the benchmark's CSR (three .npy files exported from our store, so both
-loaders read identical cells) into annbatch's sharded zarr layout with `annbatch.write_sharded`
-(annbatch's defaults: blosc-lz4 chunks), then times annbatch's `Loader` with shuffled chunks and
-prints one JSON object on stdout.
+pertscale. Its input is the benchmark's source: the cells in their source order (three .npy
+files exported from our store, so both loaders read identical cells) with each cell's source row
+and label. As annbatch's users do, it writes the source as an .h5ad and then annbatch's own
+pre-shuffled collection from it (`DatasetCollection.add_adatas`, annbatch's defaults: shuffled,
+blosc-lz4), times annbatch's `Loader` with shuffled chunks over the collection, appends every
+batch's source rows to `--batches-out` (int64) and prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -31,39 +33,47 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _write(npy_dir: Path, store_dir: Path) -> float:
+def _write(npy_dir: Path, store_dir: Path, seed: int) -> tuple[float, float]:
+    """The source as .h5ad, then annbatch's shuffled collection from it: (h5ad s, collection s)."""
     import anndata as ad
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
-    import zarr
-    from annbatch import write_sharded
+    from annbatch import DatasetCollection
 
     indptr = np.load(npy_dir / "indptr.npy")
     indices = np.load(npy_dir / "indices.npy")
     data = np.load(npy_dir / "data.npy")
-    n_genes = int(json.loads((npy_dir / "shape.json").read_text())["n_genes"])
-    x = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_genes))
-    adata = ad.AnnData(X=x, obs=pd.DataFrame(index=[str(i) for i in range(x.shape[0])]),
-                       var=pd.DataFrame(index=[f"g{i}" for i in range(n_genes)]))
+    meta = json.loads((npy_dir / "shape.json").read_text())
+    x = sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, int(meta["n_genes"])))
+    obs = pd.DataFrame({"source_row": np.arange(x.shape[0], dtype=np.int64)},
+                       index=[str(i) for i in range(x.shape[0])])
+    if (npy_dir / "labels.npy").exists():
+        obs["label"] = pd.Categorical.from_codes(np.load(npy_dir / "labels.npy"),
+                                                 meta["label_categories"])
+    source = npy_dir / "source.h5ad"
     t0 = time.perf_counter()
-    write_sharded(zarr.open_group(store_dir, mode="w"), adata)
-    return time.perf_counter() - t0
+    ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(x.shape[1])])) \
+        .write_h5ad(source)
+    t1 = time.perf_counter()
+    DatasetCollection(store_dir).add_adatas([source], rng=np.random.default_rng(seed))
+    return t1 - t0, time.perf_counter() - t1
 
 
 def _run(store_dir: Path, *, batch_size: int, chunk_size: int, preload_nchunks: int,
-         max_batches: int, seed: int) -> dict:
+         max_batches: int, seed: int, batches_out: Path) -> dict:
     import anndata as ad
     import numpy as np
-    import zarr
-    from annbatch import Loader
+    from annbatch import DatasetCollection, Loader
     from annbatch.samplers import RandomSampler
 
-    x = ad.io.sparse_dataset(zarr.open_group(store_dir, mode="r")["X"])
+    collection = DatasetCollection(store_dir, mode="r")
+    # batch["index"] is the position over the datasets in the order added, the order of obs()
+    source_row = collection.obs(columns=["source_row"])["source_row"].to_numpy(np.int64)
     sampler = RandomSampler(chunk_size=chunk_size, preload_nchunks=preload_nchunks,
                             batch_size=batch_size, drop_last=True,
                             rng=np.random.default_rng(seed))
-    # record the chunk slices annbatch reads: a batch's source blocks are counted exactly
+    # record the chunk slices annbatch reads: a batch's store blocks are counted exactly
     # (its chunks are not aligned to multiples of chunk_size after the short one)
     chunk_starts: list[int] = []
     sample = sampler.sample
@@ -74,10 +84,12 @@ def _run(store_dir: Path, *, batch_size: int, chunk_size: int, preload_nchunks: 
             yield request
 
     sampler.sample = recording
-    loader = Loader(batch_sampler=sampler, return_index=True,
-                    preload_to_gpu=False).add_dataset(x)
+    loader = Loader(batch_sampler=sampler, return_index=True, preload_to_gpu=False)
+    for group in collection:
+        loader.add_dataset(ad.io.sparse_dataset(group["X"]))
     cells = nnz = 0
-    batch_index = []
+    batch_index, sizes = [], []
+    out = open(batches_out, "wb")  # noqa: SIM115 (closed after the timed loop)
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     for i, batch in enumerate(loader):
         if i >= max_batches:
@@ -85,13 +97,17 @@ def _run(store_dir: Path, *, batch_size: int, chunk_size: int, preload_nchunks: 
         xb = batch["X"]
         cells += xb.shape[0]
         nnz += xb.nnz
-        batch_index.append(np.asarray(batch["index"]))
+        index = np.asarray(batch["index"])
+        batch_index.append(index)
+        sizes.append(len(index))
+        out.write(source_row[index].tobytes())
     seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    out.close()
     bounds = np.unique(chunk_starts)
     distinct = [len(np.unique(np.searchsorted(bounds, idx, side="right"))) for idx in batch_index]
     return {"cells": cells, "nnz": nnz, "seconds": seconds, "cpu_seconds": cpu,
             "cells_per_s": cells / seconds, "mb_per_s": nnz * 8 / seconds / 1e6,
-            "cells_per_cpu_s": cells / cpu,
+            "cells_per_cpu_s": cells / cpu, "batch_sizes": sizes,
             "blocks_per_batch": float(np.mean(distinct)), "peak_rss_mb": _peak_rss_mb()}
 
 
@@ -104,16 +120,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--preload-nchunks", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=10**9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batches-out", type=Path, required=True)
     args = p.parse_args(argv)
     import annbatch
 
-    write_s = None
+    h5ad_s = write_s = None
     if not (args.store_dir / "zarr.json").exists():
-        write_s = _write(args.npy_dir, args.store_dir)
+        h5ad_s, write_s = _write(args.npy_dir, args.store_dir, args.seed)
     result = _run(args.store_dir, batch_size=args.batch_size, chunk_size=args.chunk_size,
                   preload_nchunks=args.preload_nchunks, max_batches=args.max_batches,
-                  seed=args.seed)
+                  seed=args.seed, batches_out=args.batches_out)
     result.update(annbatch_version=annbatch.__version__, write_seconds=write_s,
+                  h5ad_write_seconds=h5ad_s,
                   chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
                   batch_size=args.batch_size)
     print(json.dumps(result))

@@ -6,7 +6,7 @@
 2. Runs `pertscale ingest` on it in a child process; peak RSS is the child's ru_maxrss.
 3. Verifies the store and (unless --no-check) compares every stored value with the .h5ad,
    block by block.
-Prints a table and writes JSON (bench_results/ingest_<n_cells>.json by default).
+Prints a table and writes JSON (bench_results/ingest_<n_cells>_<order>.json by default).
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from pertscale.store.commands import dir_size
+from pertscale.store.ingest import ORDERS, IngestConfig
 from pertscale.store.reader import open_store
+from pertscale.store.shuffle import source_positions
 from pertscale.store.verify import verify_store
 
 __all__ = ["main", "write_simulated_h5ad"]
@@ -83,16 +85,20 @@ def write_simulated_h5ad(path: Path, n_cells: int, n_genes: int, *, nnz_per_cell
 
 
 def _check_round_trip(h5ad: Path, store_path: Path, block: int = 50000) -> bool:
+    """Every stored cell equals its source row (a shuffled store's `source_row`)."""
     import anndata.io
 
     store = open_store(store_path)
+    positions = source_positions(store)
     with h5py.File(h5ad, "r") as f:
         X = anndata.io.sparse_dataset(f["X"])
         if X.shape != (store.n_cells, store.n_genes):
             return False
         for start in range(0, store.n_cells, block):
             stop = min(start + block, store.n_cells)
-            if (store.read_csr(start, stop) != X[start:stop]).nnz:
+            rows = positions[start:stop]
+            order = np.argsort(rows)  # the backed matrix reads sorted rows
+            if (store.read_csr(start, stop)[order] != X[rows[order]]).nnz:
                 return False
     return True
 
@@ -112,7 +118,7 @@ def _run_ingest(h5ad: Path, store: Path, args: argparse.Namespace) -> tuple[floa
     """`pertscale ingest` in a child process; returns (seconds inside ingest, seconds of the
     whole child including interpreter start and imports, peak RSS bytes of the child)."""
     cmd = [sys.executable, "-c", _CHILD, str(h5ad), "--out", str(store), "--overwrite",
-           "--quiet", "--block-rows", str(args.block_rows)]
+           "--quiet", "--block-rows", str(args.block_rows), "--order", args.order]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -129,11 +135,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n-genes", type=int, default=5000)
     p.add_argument("--nnz-per-cell", type=float, default=150.0)
     p.add_argument("--block-rows", type=int, default=16384, help="ingest block size")
+    p.add_argument("--order", choices=ORDERS, default=IngestConfig.order,
+                   help="ingest's cell order (shuffled: the two-pass shuffle)")
     p.add_argument("--work-dir", default="storage/bench",
                    help="where the .h5ad and the store are written")
     p.add_argument("--keep", action="store_true", help="keep the .h5ad and store afterwards")
     p.add_argument("--no-check", action="store_true", help="skip the value-by-value comparison")
-    p.add_argument("--json", default=None, help="JSON output (default bench_results/ingest_N.json)")
+    p.add_argument("--json", default=None, help="JSON output (default bench_results/ingest_N_ORDER.json)")
     args = p.parse_args(argv)
     if args.n_cells < 1 or args.n_genes < 1:
         raise ValueError("--n-cells and --n-genes must be >= 1")
@@ -152,6 +160,7 @@ def main(argv: list[str]) -> int:
     check = None if args.no_check else _check_round_trip(h5ad, store)
     row: dict[str, Any] = {
         "n_cells": opened.n_cells, "n_genes": opened.n_genes, "nnz": opened.nnz,
+        "order": args.order,
         "h5ad_mib": h5ad.stat().st_size / 2**20, "store_mib": dir_size(store) / 2**20,
         "num_shards": report.num_shards, "generate_s": gen_s, "ingest_s": ingest_s, "ingest_process_s": child_s,
         "cells_per_s": opened.n_cells / ingest_s, "peak_rss_mib": peak_rss / 2**20,
@@ -163,7 +172,7 @@ def main(argv: list[str]) -> int:
     for key, value in row.items():
         shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
         print(f"{key:<18} {shown}")
-    out = Path(args.json or f"bench_results/ingest_{args.n_cells}.json")
+    out = Path(args.json or f"bench_results/ingest_{args.n_cells}_{args.order}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=1))
     print(f"wrote {out}")

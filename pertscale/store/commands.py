@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pertscale.store.format import CODECS, local_path
-from pertscale.store.ingest import VALUE_KINDS, IngestConfig, ingest
+from pertscale.store.ingest import ORDERS, VALUE_KINDS, IngestConfig, ingest
 from pertscale.store.reader import open_store, read_store_attrs
 from pertscale.store.stats import FLAVORS, highly_variable_genes, size_factors
 from pertscale.store.verify import verify_store
@@ -42,6 +42,10 @@ def ingest_main(argv: list[str]) -> int:
                    help="zstd level, 1-22")
     p.add_argument("--codec", choices=CODECS, default=IngestConfig.codec,
                    help="blosc codec of X: zstd (smaller, object storage) or lz4 (faster local reads)")
+    p.add_argument("--order", choices=ORDERS, default=IngestConfig.order,
+                   help="cell order of the store: shuffled (seeded random order, default; each "
+                        "cell's file row kept in obs 'source_row') or source (the file's order)")
+    p.add_argument("--seed", type=int, default=IngestConfig.seed, help="seed of the shuffle")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a complete store of other data at --out")
     p.add_argument("--quiet", action="store_true")
@@ -52,7 +56,8 @@ def ingest_main(argv: list[str]) -> int:
         gene_id_column=args.gene_id_column, gene_symbol_column=args.gene_symbol_column,
         block_rows=args.block_rows,
         chunk_values=args.chunk_values, shard_values=args.shard_values,
-        compression_level=args.compression_level, codec=args.codec, overwrite=args.overwrite)
+        compression_level=args.compression_level, codec=args.codec, order=args.order,
+        seed=args.seed, overwrite=args.overwrite)
 
     def progress(name: str, done: int, total: int) -> None:
         if not args.quiet:

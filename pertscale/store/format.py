@@ -48,6 +48,7 @@ STATS_DIR = "stats"
 STATS_FIELDS = ("sum", "sum_sq", "nnz", "seurat_sum", "seurat_sum_sq")
 INDEX_COLUMN = "_index"  # the DataFrame index (cell ids / gene ids), stored as a string column
 N_COUNTS = "n_counts"  # per-cell sum of stored values, added to obs by the writer
+SOURCE_ROW = "source_row"  # a shuffled ingest's obs column: each cell's row in its source file
 
 # Default sizes, in values per inner chunk / per shard file.
 DEFAULT_CHUNK_VALUES = 128 * 1024

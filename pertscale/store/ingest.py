@@ -9,6 +9,14 @@ A rerun of the same ingest (same file checksum and settings) on a complete store
 an interrupted one (incomplete store) restarts cleanly; a complete store of other data at the
 output path is an error unless `overwrite`. For several inputs each member is one store under
 `OUT/members/`, so an interrupted collection ingest resumes with the first unfinished member.
+
+Order: cells are written in a seeded random order by default (`order = "shuffled"`, a two-pass
+bucket shuffle in bounded memory, see shuffle.py): real files are sorted by perturbation, guide
+or donor, and the loader's batches are only as mixed as the store's order. Each cell's row in
+its file is kept in the obs column `source_row`, and the order and seed in the store's `source`
+attributes, so a stored cell is traced to its file and row and the file's order is recovered by
+sorting on `source_row`. `order = "source"` keeps the file's order (no `source_row` column).
+A collection's members are shuffled each with its own seed (seed + member index).
 """
 
 from __future__ import annotations
@@ -36,16 +44,19 @@ from pertscale.store.format import (
     DEFAULT_COMPRESSION_LEVEL,
     DEFAULT_SHARD_VALUES,
     FORMAT_NAME,
+    SOURCE_ROW,
     group_meta,
     open_kvstore,
     read_json,
     write_json,
 )
+from pertscale.store.shuffle import DEFAULT_BUCKET_VALUES, write_shuffled
 from pertscale.store.writer import StoreWriter, begin_replacement, prepare_output, swap_in
 
-__all__ = ["IngestConfig", "file_sha256", "ingest", "ingest_h5ad"]
+__all__ = ["ORDERS", "VALUE_KINDS", "IngestConfig", "file_sha256", "ingest", "ingest_h5ad"]
 
 VALUE_KINDS = ("raw_counts", "normalised")
+ORDERS = ("shuffled", "source")
 DENSE_BLOCK_VALUES = 2**25  # values of a dense X block read at once (128 MiB of float32)
 
 log = logging.getLogger(__name__)
@@ -65,6 +76,9 @@ class IngestConfig(Config):
     shard_values: int = DEFAULT_SHARD_VALUES  # values per shard file of X/indices and X/data
     compression_level: int = DEFAULT_COMPRESSION_LEVEL  # zstd level (1-22)
     codec: str = DEFAULT_CODEC  # blosc codec of X: zstd (smaller) or lz4 (faster reads)
+    order: str = "shuffled"  # cell order of the store: shuffled (seeded) or source (the file's)
+    seed: int = 0  # seed of the shuffled order (a collection's member i uses seed + i)
+    shuffle_bucket_values: int = DEFAULT_BUCKET_VALUES  # values per shuffle bucket (memory)
     overwrite: bool = False  # replace a complete store of other data at the output path
 
     def __post_init__(self) -> None:
@@ -78,6 +92,9 @@ class IngestConfig(Config):
         check_range("shard_values", self.shard_values, self.chunk_values)
         check_range("compression_level", self.compression_level, 1, 22)
         check_choice("codec", self.codec, CODECS)
+        check_choice("order", self.order, ORDERS)
+        check_range("seed", self.seed, 0)
+        check_range("shuffle_bucket_values", self.shuffle_bucket_values, 1)
 
 
 
@@ -179,13 +196,16 @@ def _slice_nullable(group: h5py.Group, dtype: str, start: int, stop: int) -> pd.
 
 
 def _source(path: Path, cfg: IngestConfig) -> dict[str, Any]:
-    return {"file": path.name, "path": str(path.resolve()), "sha256": file_sha256(path),
-            "bytes": path.stat().st_size, "counts_from": cfg.counts_from, "values": cfg.values,
-            "obs_columns": cfg.obs_columns}
+    source = {"file": path.name, "path": str(path.resolve()), "sha256": file_sha256(path),
+              "bytes": path.stat().st_size, "counts_from": cfg.counts_from, "values": cfg.values,
+              "obs_columns": cfg.obs_columns, "order": cfg.order}
+    if cfg.order == "shuffled":
+        source.update(seed=cfg.seed, source_row_column=SOURCE_ROW)
+    return source
 
 
 def _same_source(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    keys = ("sha256", "counts_from", "values", "obs_columns")
+    keys = ("sha256", "counts_from", "values", "obs_columns", "order", "seed")
     return all(a.get(k) == b.get(k) for k in keys)
 
 
@@ -235,21 +255,47 @@ def ingest_h5ad(path: str | Path, out: str | Path, cfg: IngestConfig | None = No
                 log.info("%s: dense X of %d genes is read %d rows at a time (block_rows=%d "
                          "would be %d values)", path, matrix.shape[1], rows, cfg.block_rows,
                          cfg.block_rows * matrix.shape[1])
+        if cfg.order == "shuffled" and SOURCE_ROW in obs.columns:
+            raise ValueError(f"{path}: obs already has a column {SOURCE_ROW!r}, where a shuffled "
+                             f"ingest keeps each cell's source row; leave it out with "
+                             f"--obs-columns, or keep the file's order with --order source")
+        blocks = _source_blocks(path, matrix, obs, rows)
         with StoreWriter(out, var=var, raw_counts=cfg.values == "raw_counts", source=source,
                          overwrite=cfg.overwrite, chunk_values=cfg.chunk_values,
                          shard_values=cfg.shard_values,
                          compression_level=cfg.compression_level, codec=cfg.codec) as writer:
-            for start in range(0, n_cells, rows):
-                stop = min(start + rows, n_cells)
-                try:
-                    block = matrix[start:stop]
-                except OSError as e:
-                    raise ValueError(f"{path}: cannot read rows {start}-{stop} (truncated "
-                                     f"file?): {e}") from None
-                writer.append(block, obs.block(start, stop))
-                if progress is not None:
-                    progress(stop, n_cells)
+            if cfg.order == "source":
+                for start, block, obs_block in blocks:
+                    writer.append(block, obs_block)
+                    if progress is not None:
+                        progress(start + block.shape[0], n_cells)
+            else:
+                log.info("%s: cells written in a seeded random order (seed %d; --order source "
+                         "keeps the file's order)", out, cfg.seed)
+                write_shuffled(writer, blocks, n_cells=n_cells, values=_num_values(matrix),
+                               seed=cfg.seed, block_rows=cfg.block_rows,
+                               bucket_values=cfg.shuffle_bucket_values, progress=progress)
     return _existing_attrs(out)
+
+
+def _source_blocks(path: Path, matrix: Any, obs: ObsBlocks, rows: int):
+    """(first row, matrix block, obs block) of the file in its order, `rows` cells at a time."""
+    n_cells = matrix.shape[0]
+    for start in range(0, n_cells, rows):
+        stop = min(start + rows, n_cells)
+        try:
+            block = matrix[start:stop]
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read rows {start}-{stop} (truncated file?): {e}") \
+                from None
+        yield start, block, obs.block(start, stop)
+
+
+def _num_values(matrix: Any) -> int:
+    """Stored values of a sparse matrix (from its indptr), cells x genes for a dense one."""
+    if isinstance(matrix, h5py.Dataset):
+        return int(matrix.shape[0]) * int(matrix.shape[1])
+    return int(matrix.group["indptr"][-1])
 
 
 def _gene_table(var: pd.DataFrame, cfg: IngestConfig, path: Path) -> pd.DataFrame:
@@ -307,8 +353,8 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig | None =
     existing = _existing_attrs(out)
     if existing.get("pertscale_format") == COLLECTION_NAME and existing.get("complete"):
         same = [m["path"] for m in existing["members"]] == names and all(
-            _same_source(m.get("source", {}), _source(p, cfg))
-            for m, p in zip(existing["members"], inputs))
+            _same_source(m.get("source", {}), _source(p, _member_cfg(cfg, i)))
+            for i, (m, p) in enumerate(zip(existing["members"], inputs)))
         if same and not cfg.overwrite:
             return existing
     replacing = False
@@ -333,11 +379,17 @@ def _write_members(inputs: list[Path], names: list[str], out: str, cfg: IngestCo
     write_json(open_kvstore(out), "zarr.json", group_meta(
         {"pertscale_format": COLLECTION_NAME, "complete": False,
          "inputs": [str(p) for p in inputs]}))
-    member_cfg = cfg.replace(overwrite=True)  # members belong to this collection
-    for p, name in zip(inputs, names):
+    for i, (p, name) in enumerate(zip(inputs, names)):
         member = f"{out.rstrip('/')}/{name}"
+        member_cfg = _member_cfg(cfg, i)
         done = _existing_attrs(member)
-        if done.get("complete") and _same_source(done.get("source", {}), _source(p, cfg)):
+        if done.get("complete") and _same_source(done.get("source", {}), _source(p, member_cfg)):
             continue  # finished before an interruption: resume after it
         ingest_h5ad(p, member, member_cfg, progress=report(p.name))
     return write_collection(out, names)
+
+
+def _member_cfg(cfg: IngestConfig, i: int) -> IngestConfig:
+    """Member i's settings: overwritten freely (members belong to the collection), and its own
+    shuffle seed so that members of equal files are not shuffled alike."""
+    return cfg.replace(overwrite=True, seed=cfg.seed + i)

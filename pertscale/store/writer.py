@@ -260,8 +260,16 @@ class StoreWriter:
         self.n_cells += n
         self.nnz += csr.nnz
 
-    def _check_block(self, block: Any) -> sp.csr_matrix:
-        rows = f"rows {self.n_cells}-{self.n_cells + block.shape[0]}"
+    def validate(self, block: Any, obs: pd.DataFrame | None, *,
+                 first_row: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
+        """The checks of `append` without writing, naming rows from `first_row` (a caller that
+        reorders cells checks them in their source order): the cleaned CSR block and obs."""
+        csr = self._check_block(block, first_row)
+        return csr, self._check_obs(obs, csr.shape[0], first_row)
+
+    def _check_block(self, block: Any, first_row: int | None = None) -> sp.csr_matrix:
+        first_row = self.n_cells if first_row is None else first_row
+        rows = f"rows {first_row}-{first_row + block.shape[0]}"
         if block.ndim != 2 or block.shape[1] != self.n_genes:
             raise ValueError(f"{self._label}block of shape {block.shape} does not match "
                              f"{self.n_genes} genes in var")
@@ -282,15 +290,17 @@ class StoreWriter:
             k = int(np.flatnonzero(bad)[0])
             row = int(np.searchsorted(csr.indptr, k, side="right") - 1)
             gene = self.var.index[csr.indices[k]]
-            raise ValueError(f"{self._label}{rows}: {what}; cell row {self.n_cells + row}, "
+            raise ValueError(f"{self._label}{rows}: {what}; cell row {first_row + row}, "
                              f"gene {gene!r} has value {float(data[k])!r} "
                              f"({int(bad.sum())} bad values in this block)")
         csr.eliminate_zeros()
         return csr
 
-    def _check_obs(self, obs: pd.DataFrame | None, n: int) -> pd.DataFrame:
+    def _check_obs(self, obs: pd.DataFrame | None, n: int,
+                   first_row: int | None = None) -> pd.DataFrame:
+        first_row = self.n_cells if first_row is None else first_row
         if obs is None:
-            obs = pd.DataFrame(index=pd.RangeIndex(self.n_cells, self.n_cells + n).astype(str))
+            obs = pd.DataFrame(index=pd.RangeIndex(first_row, first_row + n).astype(str))
         if len(obs) != n:
             raise ValueError(f"{self._label}obs has {len(obs)} rows for a block of {n} cells")
         ids = obs.index.astype(str)

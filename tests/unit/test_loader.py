@@ -275,19 +275,29 @@ def test_bench_loader_command_writes_its_table(tmp_path, capsys):
 
     from pertscale.bench import main as bench_main
 
-    out = tmp_path / "loader.json"
-    code = bench_main(["loader", "--n-cells", "3000", "--n-genes", "300", "--nnz-per-cell", "30",
-                       "--batch-size", "64", "--grid", "32x8", "--repeats", "1",
-                       "--work-dir", str(tmp_path), "--out", str(out)])
-    assert code == 0
-    result = json.loads(out.read_text())
-    (row,) = result["loader"]
-    assert row["batches"] == 3000 // 64 and row["cells"] == row["batches"] * 64
-    # a buffer of 8 blocks' worth of cells may hold parts of 9 blocks (after the short last one)
-    assert 4 <= row["blocks_per_batch"] <= 9
-    assert row["cells_per_s"] > 0 and row["peak_rss_mb"] > 0
-    assert result["ceiling"]["cells"] == 3000
-    assert "pertscale 32x8" in capsys.readouterr().out
+    rows = {}
+    for order in ("shuffled", "source"):
+        out = tmp_path / f"loader_{order}.json"
+        code = bench_main(["loader", "--n-cells", "3000", "--n-genes", "300", "--nnz-per-cell",
+                           "30", "--batch-size", "64", "--grid", "32x8", "--repeats", "1",
+                           "--order", order, "--work-dir", str(tmp_path), "--out", str(out)])
+        assert code == 0
+        result = json.loads(out.read_text())
+        assert result["order"] == order and result["label"] == "perturbation"
+        (row,) = result["loader"]
+        rows[order] = row
+        assert row["batches"] == 3000 // 64 and row["cells"] == row["batches"] * 64
+        assert row["cells_per_s"] == pytest.approx(row["cells"] / row["seconds"])
+        # a buffer of 8 blocks' worth of cells may hold parts of 9 blocks (after the short one)
+        assert 4 <= row["blocks_per_batch"] <= 9
+        assert result["ceiling"]["cells"] == 3000
+        assert "pertscale 32x8" in capsys.readouterr().out
+    # the simulated source is sorted by 100 labels of 30 cells: random batches of 64 hold ~48
+    shuffled, source = rows["shuffled"], rows["source"]
+    assert shuffled["labels_expected"] == pytest.approx(47.8, abs=0.1)
+    assert shuffled["labels_ratio"] > 0.95 and source["labels_ratio"] < 0.5
+    assert source["source_blocks_per_batch"] == pytest.approx(source["blocks_per_batch"])
+    assert shuffled["source_blocks_per_batch"] > 5 * source["source_blocks_per_batch"]
 
 
 def test_a_rank_reads_only_the_obs_columns_it_carries(tmp_path, cells):

@@ -10,6 +10,7 @@ import scipy.sparse as sp
 
 from pertscale.store import GeneVocab, StoreError, kvstore_spec, open_store
 from pertscale.store.ingest import IngestConfig, ingest
+from pertscale.store.shuffle import source_positions
 from pertscale.store.verify import verify_store
 
 
@@ -37,10 +38,16 @@ def test_union_space_reads(collection):
     assert coll.vocab.genes == ["G1", "G2", "G3", "G4", "G5"]
     assert (coll.n_cells, coll.n_genes, coll.nnz) == (120, 5, xa.nnz + xb.nnz)
     dense = coll.read_csr(0, 120).toarray()
-    np.testing.assert_array_equal(dense[:70, :4], xa.toarray())
-    np.testing.assert_array_equal(dense[:70, 4], 0)
-    np.testing.assert_array_equal(dense[70:, [2, 4, 0]], xb.toarray())
-    np.testing.assert_array_equal(dense[70:, [1, 3]], 0)
+    # members are shuffled each on its own; the source order is the files' rows in order
+    positions = source_positions(coll)
+    assert sorted(positions[:70]) == list(range(70)) and sorted(positions[70:]) == \
+        list(range(70, 120))
+    assert (positions[:50] - 0 != positions[70:] - 70).any()  # members' own seeds
+    in_source = dense[np.argsort(positions)]
+    np.testing.assert_array_equal(in_source[:70, :4], xa.toarray())
+    np.testing.assert_array_equal(in_source[:70, 4], 0)
+    np.testing.assert_array_equal(in_source[70:, [2, 4, 0]], xb.toarray())
+    np.testing.assert_array_equal(in_source[70:, [1, 3]], 0)
     across = coll.read_csr_async(60, 80).result()  # spans both members
     assert across.has_sorted_indices and across.indices.dtype == np.int32
     np.testing.assert_array_equal(across.toarray(), dense[60:80])
@@ -149,7 +156,8 @@ def test_barcodes_shared_across_members_are_prefixed_by_member(tmp_path):
                    obs=pd.DataFrame({"condition": ["ctrl"] * 5},
                                     index=[f"AAAC-{i}" for i in range(5)]),
                    var=pd.DataFrame(index=["G1", "G2", "G3"])).write_h5ad(tmp_path / f"{name}.h5ad")
-    ingest([tmp_path / "d1.h5ad", tmp_path / "d2.h5ad"], tmp_path / "c", IngestConfig())
+    ingest([tmp_path / "d1.h5ad", tmp_path / "d2.h5ad"], tmp_path / "c",
+           IngestConfig(order="source"))
     obs = open_store(tmp_path / "c").obs
     assert obs.index.is_unique and len(obs) == 10
     assert list(obs.index[:2]) == ["d1:AAAC-0", "d1:AAAC-1"] and obs.index[5] == "d2:AAAC-0"

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from pertscale.store import StoreError, open_store
+from pertscale.store import StoreError, open_store, read_store_attrs
 from pertscale.store.ingest import IngestConfig, ingest
+from pertscale.store.shuffle import source_positions
 from pertscale.store.verify import verify_store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -44,15 +45,75 @@ def cfg(**kw):
     return IngestConfig(**{**TINY, **kw})
 
 
+def in_source_order(store):
+    """(X, obs) of a store put back in its source file's order through `source_positions`."""
+    back = np.argsort(source_positions(store))
+    return store.read_csr(0, store.n_cells)[back], store.obs.iloc[back]
+
+
 def test_round_trip_csr(tmp_path):
     X = counts(300, 20)
-    write_h5ad(tmp_path / "a.h5ad", X)
+    src = write_h5ad(tmp_path / "a.h5ad", X)
     attrs = ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg())
     store = open_store(tmp_path / "s")
-    assert (store.read_csr(0, 300) != X).nnz == 0
+    rows = store.obs["source_row"].to_numpy()
+    assert sorted(rows) == list(range(300)) and (rows != np.arange(300)).any()
+    assert (store.read_csr(0, 300) != X[rows]).nnz == 0  # cell i is the file's row rows[i]
+    assert list(store.obs.index) == list(src.obs_names[rows])
+    assert (store.obs["donor"].to_numpy() == src.obs["donor"].to_numpy()[rows]).all()
     assert attrs["source"]["file"] == "a.h5ad" and len(attrs["source"]["sha256"]) == 64
-    assert list(store.obs.columns) == ["condition", "donor", "n_counts"]
+    assert attrs["source"]["order"] == "shuffled" and attrs["source"]["seed"] == 0
+    assert list(store.obs.columns) == ["condition", "donor", "source_row", "n_counts"]
     assert verify_store(tmp_path / "s").ok
+    ingest([tmp_path / "a.h5ad"], tmp_path / "o", cfg(order="source"))
+    kept = open_store(tmp_path / "o")
+    assert (kept.read_csr(0, 300) != X).nnz == 0
+    assert list(kept.obs.columns) == ["condition", "donor", "n_counts"]
+    assert read_store_attrs(str(tmp_path / "o"))["source"]["order"] == "source"
+
+
+def test_shuffled_order_is_seeded_uniform_and_kept_by_reruns(tmp_path):
+    """The order is a function of the seed (a rerun with the same seed is a no-op, another seed
+    writes another store), independent of the bucket size, and every cell lands anywhere."""
+    write_h5ad(tmp_path / "a.h5ad", counts(400, 8))
+    first = ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg())
+    assert ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg())["fingerprint"] == \
+        first["fingerprint"]
+    with pytest.raises(StoreError, match="already holds a complete store"):
+        ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg(seed=1))
+    ingest([tmp_path / "a.h5ad"], tmp_path / "t", cfg(seed=1))
+    ingest([tmp_path / "a.h5ad"], tmp_path / "u", cfg(seed=1))
+    rows = {k: open_store(tmp_path / k).obs["source_row"].to_numpy() for k in "stu"}
+    assert (rows["t"] == rows["u"]).all() and (rows["s"] != rows["t"]).any()
+    # many buckets (a few cells each) still give a uniform order: the first stored cell comes
+    # from anywhere in the file, over seeds
+    firsts = []
+    for seed in range(40):
+        out = tmp_path / f"b{seed}"
+        ingest([tmp_path / "a.h5ad"], out, cfg(seed=seed, shuffle_bucket_values=40))
+        firsts.append(open_store(out).obs["source_row"].iloc[0])
+    assert np.mean(np.array(firsts) < 200) == pytest.approx(0.5, abs=0.25)
+    assert not list(tmp_path.glob(".*pertscale-shuffle"))  # scratch space removed
+
+
+def test_shuffle_scratch_of_another_program_is_refused(tmp_path):
+    write_h5ad(tmp_path / "a.h5ad", counts(40, 5))
+    scratch = tmp_path / ".s.pertscale-shuffle"
+    scratch.mkdir()
+    (scratch / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match=r"pertscale-shuffle exists and was not written by "
+                                         r"pertscale"):
+        ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg())
+    assert (scratch / "notes.txt").read_text() == "mine"
+
+
+def test_source_row_column_in_the_file_is_named(tmp_path):
+    obs = pd.DataFrame({"source_row": np.arange(20)}, index=[f"c{i}" for i in range(20)])
+    write_h5ad(tmp_path / "a.h5ad", counts(20, 4), obs=obs)
+    with pytest.raises(ValueError, match=r"a\.h5ad: obs already has a column 'source_row'.*"
+                                         r"--order source"):
+        ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg())
+    ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg(order="source"))
 
 
 @pytest.mark.parametrize("fmt", ["csc", "dense"])
@@ -61,7 +122,7 @@ def test_csc_and_dense_sources(tmp_path, fmt):
     src = X.tocsc() if fmt == "csc" else X.toarray()
     write_h5ad(tmp_path / "a.h5ad", src)
     ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg())
-    assert (open_store(tmp_path / "s").read_csr(0, 150) != X).nnz == 0
+    assert (in_source_order(open_store(tmp_path / "s"))[0] != X).nnz == 0
 
 
 def test_counts_from_layer_and_raw(tmp_path):
@@ -72,7 +133,7 @@ def test_counts_from_layer_and_raw(tmp_path):
     for source in ("layer:counts", "raw"):
         ingest([tmp_path / "a.h5ad"], tmp_path / source, cfg(counts_from=source))
         store = open_store(tmp_path / source)
-        assert store.raw_counts and (store.read_csr(0, 100) != X).nnz == 0
+        assert store.raw_counts and (in_source_order(store)[0] != X).nnz == 0
     with pytest.raises(ValueError, match=r"layer 'spliced' not found; layers: \['counts'\]"):
         ingest([tmp_path / "a.h5ad"], tmp_path / "x", cfg(counts_from="layer:spliced"))
     with pytest.raises(ValueError, match=r"a\.h5ad: rows 0-64: raw counts.*gene 'G\d+' has value"):
@@ -82,7 +143,7 @@ def test_counts_from_layer_and_raw(tmp_path):
 def test_obs_columns_selected_and_missing_named(tmp_path):
     write_h5ad(tmp_path / "a.h5ad", counts(40, 5))
     ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg(obs_columns=["donor"]))
-    assert list(open_store(tmp_path / "s").obs.columns) == ["donor", "n_counts"]
+    assert list(open_store(tmp_path / "s").obs.columns) == ["donor", "source_row", "n_counts"]
     with pytest.raises(ValueError, match=r"\['guide'\] not found; available: \['condition', 'donor'\]"):
         ingest([tmp_path / "a.h5ad"], tmp_path / "t", cfg(obs_columns=["donor", "guide"]))
 
@@ -126,7 +187,7 @@ def test_sigkill_midway_leaves_incomplete_store_and_rerun_restarts(tmp_path):
         import os, signal
         from pertscale.store.ingest import IngestConfig, ingest
         def kill(name, done, total):
-            if done >= 1500:
+            if done >= 2250:  # halfway through writing (the second half of a shuffled ingest)
                 os.kill(os.getpid(), signal.SIGKILL)
         ingest([{str(tmp_path / 'a.h5ad')!r}], {str(out)!r},
                IngestConfig(chunk_values=256, shard_values=4096, block_rows=250), progress=kill)
@@ -138,7 +199,8 @@ def test_sigkill_midway_leaves_incomplete_store_and_rerun_restarts(tmp_path):
         open_store(out)
     assert not verify_store(out).ok
     ingest([tmp_path / "a.h5ad"], out, cfg())
-    assert (open_store(out).read_csr(0, 3000) != X).nnz == 0
+    assert (in_source_order(open_store(out))[0] != X).nnz == 0
+    assert not list(tmp_path.glob(".*pertscale-shuffle"))  # the killed run's scratch is gone
 
 
 def test_kang_raw_counts(shared_data, tmp_path):
@@ -147,10 +209,11 @@ def test_kang_raw_counts(shared_data, tmp_path):
     store = open_store(tmp_path / "kang")
     src = ad.read_h5ad(path)
     assert store.raw_counts and store.n_cells == src.n_obs == 1556
-    assert (store.read_csr(0, store.n_cells) != src.X).nnz == 0
+    X, obs = in_source_order(store)
+    assert (X != src.X).nnz == 0
     assert list(store.var.index) == list(src.var_names)
     for col in ("cluster_id", "group_id", "sample_id"):
-        assert (store.obs[col].astype(str).to_numpy() == src.obs[col].astype(str).to_numpy()).all()
+        assert (obs[col].astype(str).to_numpy() == src.obs[col].astype(str).to_numpy()).all()
 
 
 def test_perturbseq_normalised_values(shared_data, tmp_path):
@@ -161,9 +224,9 @@ def test_perturbseq_normalised_values(shared_data, tmp_path):
     store = open_store(tmp_path / "p")
     src = ad.read_h5ad(path)
     assert not store.raw_counts and store.n_cells == 5961
-    np.testing.assert_array_equal(store.read_csr(0, 5961).toarray(),
-                                  src.X.astype(np.float32).toarray())
-    assert (store.obs["perturbation"].astype(str).to_numpy()
+    X, obs = in_source_order(store)
+    np.testing.assert_array_equal(X.toarray(), src.X.astype(np.float32).toarray())
+    assert (obs["perturbation"].astype(str).to_numpy()
             == src.obs["perturbation"].astype(str).to_numpy()).all()
     assert set(src.var.columns) <= set(store.var.columns)
 
@@ -174,7 +237,8 @@ def test_gene_id_column_and_source_n_counts(tmp_path):
     adata = ad.AnnData(X, obs=obs, var=pd.DataFrame(
         {"gene_ids": ["ENSG1", "ENSG2", "ENSG3", "ENSG4"]}, index=["A", "B", "C", "D"]))
     adata.write_h5ad(tmp_path / "a.h5ad")
-    ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg(gene_id_column="gene_ids"))
+    ingest([tmp_path / "a.h5ad"], tmp_path / "s", cfg(gene_id_column="gene_ids",
+                                                       order="source"))
     store = open_store(tmp_path / "s")
     assert list(store.var.index) == ["ENSG1", "ENSG2", "ENSG3", "ENSG4"]
     assert list(store.var["gene_symbol"]) == ["A", "B", "C", "D"]

@@ -1,0 +1,204 @@
+"""A seeded random write order in bounded memory: the two-pass bucket shuffle of ingest.
+
+Real Perturb-seq files are sorted (by guide, perturbation, donor, batch). The loader shuffles
+blocks of consecutive stored cells, so a store written in the file's order gives batches made of
+a few runs of one label each; a store written in a random order gives batches as mixed as a
+uniformly random sample.
+
+    with BucketShuffle(scratch_dir, n_cells=n, values=nnz, seed=0) as shuffle:
+        for csr, obs in source_blocks:          # pass 1: the file in its order
+            shuffle.add(csr, obs)
+        for csr, obs in shuffle.blocks(16384):  # pass 2: the cells in a random order
+            writer.append(csr, obs)
+
+Pass 1 sends every cell to one of B buckets drawn uniformly at random (B sized so that a bucket
+holds about `bucket_values` stored values) and appends it to that bucket's file in a scratch
+folder beside the output. Pass 2 loads one bucket at a time, permutes its cells uniformly and
+yields them in blocks. Ordering cells by (uniform bucket, uniform rank within the bucket) is
+ordering them by i.i.d. random keys, so every order of the cells is equally likely. Memory: the
+pass-1 write buffer (`buffer_values`) and one bucket in pass 2, whatever the file size. The
+scratch folder is removed on exit, after success or failure.
+
+`source_positions(store)` gives each stored cell's position in the source order (a collection's
+source order: its files in order, each in its own order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from pertscale.store.format import SOURCE_ROW, StoreError, local_path
+
+__all__ = ["DEFAULT_BUCKET_VALUES", "BucketShuffle", "scratch_path", "source_positions",
+           "write_shuffled"]
+
+DEFAULT_BUCKET_VALUES = 2**24  # stored values per bucket: 128 MiB of values + indices in pass 2
+DEFAULT_BUFFER_VALUES = 2**22  # values buffered in pass 1 before the buckets are appended to
+MARKER = "pertscale-shuffle.json"
+
+
+def scratch_path(out: Path) -> Path:
+    """The scratch folder of a shuffled write of the store at `out` (beside it)."""
+    return out.parent / f".{out.name}.pertscale-shuffle"
+
+
+class BucketShuffle:
+    """Two-pass bucket shuffle of CSR rows with their obs rows; see the module docstring."""
+
+    def __init__(self, scratch_dir: Path, *, n_cells: int, values: int, seed: int,
+                 bucket_values: int = DEFAULT_BUCKET_VALUES,
+                 buffer_values: int = DEFAULT_BUFFER_VALUES):
+        if n_cells < 1:
+            raise ValueError(f"n_cells={n_cells}: nothing to shuffle")
+        self.dir = Path(scratch_dir)
+        self.n_cells = n_cells
+        self.num_buckets = max(1, min(n_cells, math.ceil(values / bucket_values)))
+        self._rng = np.random.default_rng(seed)
+        self._buffer_values = buffer_values
+        self._pending: list[list[tuple]] = [[] for _ in range(self.num_buckets)]
+        self._pending_values = 0
+        self._added = 0
+        self._n_genes: int | None = None
+        self._begin()
+
+    def _begin(self) -> None:
+        """A fresh scratch folder; a leftover of an interrupted shuffle (ours) is removed."""
+        if self.dir.exists():
+            if not (self.dir / MARKER).is_file():
+                raise StoreError(f"{self.dir} exists and was not written by pertscale; move it "
+                                 "away (ingest uses it as scratch space for the shuffle)")
+            shutil.rmtree(self.dir)
+        self.dir.mkdir(parents=True)
+        (self.dir / MARKER).write_text(json.dumps({"n_cells": self.n_cells,
+                                                   "num_buckets": self.num_buckets}))
+
+    def _bucket_file(self, b: int, part: str) -> Path:
+        return self.dir / f"bucket-{b:06d}.{part}"
+
+    def add(self, csr: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        """Pass 1: cells in source order (a CSR block and its obs rows)."""
+        n = csr.shape[0]
+        self._n_genes = csr.shape[1]
+        if len(obs) != n:
+            raise ValueError(f"obs has {len(obs)} rows for a block of {n} cells")
+        bucket = self._rng.integers(0, self.num_buckets, n)
+        order = np.argsort(bucket, kind="stable")
+        bounds = np.searchsorted(bucket[order], np.arange(self.num_buckets + 1))
+        for b in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[b]:bounds[b + 1]]
+            self._pending[b].append((csr[rows], obs.iloc[rows]))
+        self._pending_values += csr.nnz + n
+        self._added += n
+        if self._pending_values >= self._buffer_values:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Append the buffered cells to their buckets: row lengths, indices and values as raw
+        arrays (read back with one allocation each), obs rows as a stream of pickled frames."""
+        for b, parts in enumerate(self._pending):
+            if not parts:
+                continue
+            for name, values in (
+                    ("lengths", [np.diff(x.indptr).astype(np.int64) for x, _ in parts]),
+                    ("indices", [x.indices.astype(np.int32, copy=False) for x, _ in parts]),
+                    ("values", [x.data.astype(np.float32, copy=False) for x, _ in parts])):
+                with open(self._bucket_file(b, name), "ab") as f:
+                    np.concatenate(values).tofile(f)
+            # NOTE: pickle only for scratch files this object wrote and reads back itself
+            with open(self._bucket_file(b, "obs"), "ab") as f:
+                pickle.dump(pd.concat([o for _, o in parts]), f, protocol=pickle.HIGHEST_PROTOCOL)
+            parts.clear()
+        self._pending_values = 0
+
+    def blocks(self, block_rows: int) -> Iterator[tuple[sp.csr_matrix, pd.DataFrame]]:
+        """Pass 2: every added cell once, in the shuffled order, in blocks of `block_rows`."""
+        if self._added != self.n_cells:
+            raise RuntimeError(f"{self._added} cells were added, {self.n_cells} announced")
+        self._flush()
+        for b in range(self.num_buckets):
+            if not self._bucket_file(b, "obs").exists():
+                continue  # no cell drew this bucket
+            csr, obs = self._load_bucket(b)
+            perm = self._rng.permutation(csr.shape[0])
+            for start in range(0, len(perm), block_rows):
+                rows = perm[start:start + block_rows]
+                yield csr[rows], obs.iloc[rows]
+            del csr, obs  # before the next bucket is read: one bucket in memory at a time
+
+    def _load_bucket(self, b: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
+        arrays = {}
+        for name, dtype in (("lengths", np.int64), ("indices", np.int32), ("values", np.float32)):
+            path = self._bucket_file(b, name)
+            arrays[name] = np.fromfile(path, dtype)
+            path.unlink()
+        frames = []
+        with open(self._bucket_file(b, "obs"), "rb") as f:
+            while True:
+                try:
+                    frames.append(pickle.load(f))
+                except EOFError:
+                    break
+        self._bucket_file(b, "obs").unlink()
+        indptr = np.zeros(len(arrays["lengths"]) + 1, np.int64)
+        np.cumsum(arrays["lengths"], out=indptr[1:])
+        csr = sp.csr_matrix((arrays["values"], arrays["indices"], indptr),
+                            shape=(len(indptr) - 1, self._n_genes))
+        return csr, pd.concat(frames)
+
+    def close(self) -> None:
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def source_positions(store) -> np.ndarray:
+    """Each stored cell's position in the source order (int64 [n_cells]): the `source_row`
+    column of a shuffled store, the stored position of a store in its file's order; for a
+    collection, the member's first position plus the position within the member."""
+    members = getattr(store, "members", None)
+    if members is None:
+        if SOURCE_ROW in store.obs_column_names:
+            return store.read_obs([SOURCE_ROW], index=False)[SOURCE_ROW].to_numpy(np.int64)
+        return np.arange(store.n_cells, dtype=np.int64)
+    offsets = np.cumsum([0] + [m.n_cells for m in members[:-1]])
+    return np.concatenate([source_positions(m) + o for m, o in zip(members, offsets)])
+
+
+def write_shuffled(writer: Any, blocks: Iterable[tuple[int, Any, pd.DataFrame]], *, n_cells: int,
+                   values: int, seed: int, block_rows: int,
+                   bucket_values: int = DEFAULT_BUCKET_VALUES,
+                   progress: Callable[[int, int], None] | None = None) -> None:
+    """Append the cells of `blocks` ((first source row, matrix block, obs block) in source
+    order) to a StoreWriter in a seeded random order, with their source rows in obs
+    `source_row`. Pass 1 checks every block (errors name source rows) and buckets it; pass 2
+    appends. Progress counts each pass as half of the cells. Scratch space: beside the store."""
+    scratch = scratch_path(Path(local_path(writer.uri)))
+    with BucketShuffle(scratch, n_cells=n_cells, values=values, seed=seed,
+                       bucket_values=bucket_values) as shuffle:
+        for start, block, obs_block in blocks:
+            csr, obs_block = writer.validate(block, obs_block, first_row=start)
+            n = csr.shape[0]
+            shuffle.add(csr, obs_block.assign(**{SOURCE_ROW: np.arange(start, start + n)}))
+            if progress is not None:
+                progress((start + n) // 2, n_cells)
+        for csr, obs_block in shuffle.blocks(block_rows):
+            writer.append(csr, obs_block)
+            if progress is not None:
+                progress((n_cells + writer.n_cells) // 2, n_cells)
