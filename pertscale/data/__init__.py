@@ -1,8 +1,11 @@
-"""Data: block sampler and distributed, resumable cell loader, tokenizer, perturbation datasets and
-splits, gene-embedding tables, and the Perturb-seq simulator."""
+"""Data: block sampler and distributed, resumable cell loader and its batch mixing, tokenizer,
+perturbation datasets and splits, gene-embedding tables, pathway selection, and the Perturb-seq
+simulator."""
 
 from pertscale.data.embeddings import GeneEmbeddings, load_embeddings
 from pertscale.data.loader import CellLoader, LoaderConfig, build_loader
+from pertscale.data.mixing import batch_mixing, expected_distinct
+from pertscale.data.pathways import PathwaySelection, PathwaySelectionConfig, select_pathways
 from pertscale.data.perturbation import (
     Perturbation,
     PerturbationConfig,
@@ -31,6 +34,8 @@ __all__ = [
     "GeneEmbeddings",
     "GroundTruth",
     "LoaderConfig",
+    "PathwaySelection",
+    "PathwaySelectionConfig",
     "Perturbation",
     "PerturbationConfig",
     "PerturbationData",
@@ -40,12 +45,15 @@ __all__ = [
     "SplitConfig",
     "Tokenizer",
     "TokenizerConfig",
+    "batch_mixing",
     "build_loader",
     "build_split",
+    "expected_distinct",
     "load_embeddings",
     "load_perturbation_data",
     "load_truth",
     "parse_perturbation",
+    "select_pathways",
     "simulate",
     "simulate_blocks",
     "write_dataset",
