@@ -44,7 +44,11 @@ __all__ = ["DEFAULT_BUCKET_VALUES", "BucketShuffle", "scratch_path", "source_pos
            "write_shuffled"]
 
 DEFAULT_BUCKET_VALUES = 2**24  # stored values per bucket: 128 MiB of values + indices in pass 2
-DEFAULT_BUFFER_VALUES = 2**22  # values buffered in pass 1 before the buckets are appended to
+# Values buffered in pass 1 before every bucket file is appended to: ~16k values (128 KiB) per
+# bucket and append, within [4 Mi, 64 Mi] values (32-512 MiB; the top only from ~4,000 buckets,
+# ~60 G values, e.g. 40M cells of 1,500 nonzeros).
+BUFFER_VALUES_PER_BUCKET = 2**14
+MIN_BUFFER_VALUES, MAX_BUFFER_VALUES = 2**22, 2**26
 MARKER = "pertscale-shuffle.json"
 
 
@@ -57,16 +61,18 @@ class BucketShuffle:
     """Two-pass bucket shuffle of CSR rows with their obs rows; see the module docstring."""
 
     def __init__(self, scratch_dir: Path, *, n_cells: int, values: int, seed: int,
-                 bucket_values: int = DEFAULT_BUCKET_VALUES,
-                 buffer_values: int = DEFAULT_BUFFER_VALUES):
+                 bucket_values: int = DEFAULT_BUCKET_VALUES):
         if n_cells < 1:
             raise ValueError(f"n_cells={n_cells}: nothing to shuffle")
         self.dir = Path(scratch_dir)
         self.n_cells = n_cells
         self.num_buckets = max(1, min(n_cells, math.ceil(values / bucket_values)))
         self._rng = np.random.default_rng(seed)
-        self._buffer_values = buffer_values
+        self._buffer_values = int(np.clip(self.num_buckets * BUFFER_VALUES_PER_BUCKET,
+                                          MIN_BUFFER_VALUES, MAX_BUFFER_VALUES))
         self._pending: list[list[tuple]] = [[] for _ in range(self.num_buckets)]
+        self._bucket_cells = np.zeros(self.num_buckets, np.int64)
+        self._bucket_nnz = np.zeros(self.num_buckets, np.int64)
         self._pending_values = 0
         self._added = 0
         self._n_genes: int | None = None
@@ -104,20 +110,23 @@ class BucketShuffle:
             self._flush()
 
     def _flush(self) -> None:
-        """Append the buffered cells to their buckets: row lengths, indices and values as raw
-        arrays (read back with one allocation each), obs rows as a stream of pickled frames."""
+        """Append the buffered cells to their buckets: one frame per append in the bucket's
+        cells file (cells and nonzeros, then row lengths, indices and values), obs rows as a
+        stream of pickled frames."""
         for b, parts in enumerate(self._pending):
             if not parts:
                 continue
-            for name, values in (
-                    ("lengths", [np.diff(x.indptr).astype(np.int64) for x, _ in parts]),
-                    ("indices", [x.indices.astype(np.int32, copy=False) for x, _ in parts]),
-                    ("values", [x.data.astype(np.float32, copy=False) for x, _ in parts])):
-                with open(self._bucket_file(b, name), "ab") as f:
-                    np.concatenate(values).tofile(f)
+            lengths = np.concatenate([np.diff(x.indptr) for x, _ in parts]).astype(np.int64)
+            indices = np.concatenate([x.indices for x, _ in parts]).astype(np.int32, copy=False)
+            values = np.concatenate([x.data for x, _ in parts]).astype(np.float32, copy=False)
+            with open(self._bucket_file(b, "cells"), "ab") as f:
+                f.write(np.array([len(lengths), len(indices)], np.int64).tobytes())
+                f.writelines(array.tobytes() for array in (lengths, indices, values))
             # NOTE: pickle only for scratch files this object wrote and reads back itself
             with open(self._bucket_file(b, "obs"), "ab") as f:
                 pickle.dump(pd.concat([o for _, o in parts]), f, protocol=pickle.HIGHEST_PROTOCOL)
+            self._bucket_cells[b] += len(lengths)
+            self._bucket_nnz[b] += len(indices)
             parts.clear()
         self._pending_values = 0
 
@@ -126,10 +135,8 @@ class BucketShuffle:
         if self._added != self.n_cells:
             raise RuntimeError(f"{self._added} cells were added, {self.n_cells} announced")
         self._flush()
-        for b in range(self.num_buckets):
-            if not self._bucket_file(b, "obs").exists():
-                continue  # no cell drew this bucket
-            csr, obs = self._load_bucket(b)
+        for b in np.flatnonzero(self._bucket_cells):
+            csr, obs = self._load_bucket(int(b))
             perm = self._rng.permutation(csr.shape[0])
             for start in range(0, len(perm), block_rows):
                 rows = perm[start:start + block_rows]
@@ -137,11 +144,19 @@ class BucketShuffle:
             del csr, obs  # before the next bucket is read: one bucket in memory at a time
 
     def _load_bucket(self, b: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
-        arrays = {}
-        for name, dtype in (("lengths", np.int64), ("indices", np.int32), ("values", np.float32)):
-            path = self._bucket_file(b, name)
-            arrays[name] = np.fromfile(path, dtype)
-            path.unlink()
+        """A bucket's cells read into arrays allocated once (its sizes are counted in pass 1)."""
+        n, nnz = int(self._bucket_cells[b]), int(self._bucket_nnz[b])
+        lengths = np.empty(n, np.int64)
+        indices = np.empty(nnz, np.int32)
+        values = np.empty(nnz, np.float32)
+        row = pos = 0
+        with open(self._bucket_file(b, "cells"), "rb") as f:
+            while row < n:
+                rows, k = np.frombuffer(f.read(16), np.int64)
+                for array, a, z in ((lengths, row, row + rows), (indices, pos, pos + k),
+                                    (values, pos, pos + k)):
+                    f.readinto(memoryview(array[a:z]).cast("B"))
+                row, pos = row + rows, pos + k
         frames = []
         with open(self._bucket_file(b, "obs"), "rb") as f:
             while True:
@@ -149,12 +164,12 @@ class BucketShuffle:
                     frames.append(pickle.load(f))
                 except EOFError:
                     break
-        self._bucket_file(b, "obs").unlink()
-        indptr = np.zeros(len(arrays["lengths"]) + 1, np.int64)
-        np.cumsum(arrays["lengths"], out=indptr[1:])
-        csr = sp.csr_matrix((arrays["values"], arrays["indices"], indptr),
-                            shape=(len(indptr) - 1, self._n_genes))
-        return csr, pd.concat(frames)
+        for part in ("cells", "obs"):
+            self._bucket_file(b, part).unlink()
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        return (sp.csr_matrix((values, indices, indptr), shape=(n, self._n_genes)),
+                pd.concat(frames))
 
     def close(self) -> None:
         if self.dir.exists():
