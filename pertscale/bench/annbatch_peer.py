@@ -6,8 +6,9 @@ pertscale. Its input is the benchmark's source: the cells in their source order 
 files exported from our store, so both loaders read identical cells) with each cell's source row
 and label. As annbatch's users do, it writes the source as an .h5ad and then annbatch's own
 pre-shuffled collection from it (`DatasetCollection.add_adatas`, annbatch's defaults: shuffled,
-blosc-lz4), times annbatch's `Loader` with shuffled chunks over the collection, appends every
-batch's source rows to `--batches-out` (int64) and prints one JSON object on stdout.
+blosc-lz4) in a `--write-only` run; each loader run then times annbatch's `Loader` with
+shuffled chunks over the collection, appends every batch's source rows to `--batches-out`
+(int64) and prints one JSON object on stdout.
 """
 
 from __future__ import annotations
@@ -120,18 +121,23 @@ def main(argv: list[str]) -> int:
     p.add_argument("--preload-nchunks", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=10**9)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batches-out", type=Path, required=True)
+    p.add_argument("--batches-out", type=Path)
+    p.add_argument("--write-only", action="store_true",
+                   help="write the collection and exit (the loader runs measure only reading)")
     args = p.parse_args(argv)
     import annbatch
 
-    h5ad_s = write_s = None
-    if not (args.store_dir / "zarr.json").exists():
+    if args.write_only:
         h5ad_s, write_s = _write(args.npy_dir, args.store_dir, args.seed)
+        print(json.dumps({"h5ad_write_seconds": h5ad_s, "write_seconds": write_s,
+                          "write_peak_rss_mb": _peak_rss_mb()}))
+        return 0
+    if args.batches_out is None:
+        p.error("--batches-out is required for a loader run")
     result = _run(args.store_dir, batch_size=args.batch_size, chunk_size=args.chunk_size,
                   preload_nchunks=args.preload_nchunks, max_batches=args.max_batches,
                   seed=args.seed, batches_out=args.batches_out)
-    result.update(annbatch_version=annbatch.__version__, write_seconds=write_s,
-                  h5ad_write_seconds=h5ad_s,
+    result.update(annbatch_version=annbatch.__version__,
                   chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
                   batch_size=args.batch_size)
     print(json.dumps(result))

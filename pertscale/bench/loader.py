@@ -207,17 +207,22 @@ def export_source_npy(uri: str, out_dir: Path, positions: np.ndarray,
     (out_dir / "shape.json").write_text(json.dumps(meta))
 
 
-def run_peer(peer: str, python: str, work: Path, *, batch_size: int, block_size: int,
-             buffer_blocks: int, max_batches: int, seed: int, batches_path: Path) -> dict[str, Any]:
-    """One run of the peer over its own collection (written at the first run) of the source
-    exported to work/npy; its batches' source positions go to `batches_path`."""
+def run_peer(peer: str, python: str, work: Path, *, seed: int,
+             batches_path: Path | None = None, batch_size: int = 0, block_size: int = 0,
+             buffer_blocks: int = 0, max_batches: int = 0) -> dict[str, Any]:
+    """The peer over its own collection of the source exported to work/npy: without
+    `batches_path`, writing the collection (once, in its own process, so that the loader runs'
+    peak RSS is their own); with it, one loader run whose batches' source positions go there."""
     if not Path(python).is_file():
         raise ValueError(f"--peer-python {python} does not exist")
     cmd = [python, str(PEERS[peer]), "--npy-dir", str(work / "npy"),
-           "--store-dir", str(work / f"{peer}.zarr"),
-           "--batch-size", str(batch_size), "--chunk-size", str(block_size),
-           "--preload-nchunks", str(buffer_blocks), "--max-batches", str(max_batches),
-           "--seed", str(seed), "--batches-out", str(batches_path)]
+           "--store-dir", str(work / f"{peer}.zarr"), "--seed", str(seed)]
+    if batches_path is None:
+        cmd.append("--write-only")
+    else:
+        cmd += ["--batch-size", str(batch_size), "--chunk-size", str(block_size),
+                "--preload-nchunks", str(buffer_blocks), "--max-batches", str(max_batches),
+                "--batches-out", str(batches_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"peer {peer} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -397,8 +402,11 @@ def main(argv: list[str]) -> int:
         label = args.label if args.label is not None else \
             (LABEL if LABEL in store.obs_column_names else "")
         labels = labels_by_source(store, positions, label) if label else None
+        peer_write = None
         if args.peer:
             export_source_npy(uri, work / "npy", positions, labels)
+            print(f"{args.peer} writes its collection of the source ...", flush=True)
+            peer_write = run_peer(args.peer, args.peer_python, work, seed=args.seed)
         result: dict[str, Any] = {
             "store": uri, "n_cells": store.n_cells, "n_genes": store.n_genes, "nnz": store.nnz,
             "batch_size": args.batch_size, "write_seconds": write_s,
@@ -432,7 +440,7 @@ def main(argv: list[str]) -> int:
         result["ceiling"] = summarize(ceiling_runs)
         result["loader"] = [summarize(runs) for runs in loader_runs]
         if args.peer:
-            result["peer"] = {**summarize(peer_runs), "name": args.peer}
+            result["peer"] = {**summarize(peer_runs), **peer_write, "name": args.peer}
             result["vs_peer"] = compare_with_peer(result["loader"], result["peer"])
         result["load_average_end"] = os.getloadavg()
     print_table(result)
