@@ -68,12 +68,12 @@ def label_mixing(uri):
 def test_sorted_file_ingested_with_defaults_gives_random_batches(tmp_path):
     """A 100k-cell file sorted by a 100-value label: with ingest's and the loader's defaults a
     batch holds >= 95% of the labels a uniformly random batch holds; in the file's order (the
-    loader shuffles 256-cell blocks) far fewer."""
+    loader shuffles 256-cell blocks) about a third."""
     write_sorted_h5ad(tmp_path / "sorted.h5ad")
     ingest([tmp_path / "sorted.h5ad"], tmp_path / "shuffled", IngestConfig())
     ingest([tmp_path / "sorted.h5ad"], tmp_path / "source", IngestConfig(order="source"))
     shuffled, source = label_mixing(tmp_path / "shuffled"), label_mixing(tmp_path / "source")
     assert shuffled["labels_expected"] == pytest.approx(100.0, abs=0.01)  # 1,000 cells each
     assert shuffled["labels_per_batch"] >= 0.95 * shuffled["labels_expected"]
-    assert source["labels_per_batch"] < 0.6 * source["labels_expected"]
+    assert source["labels_per_batch"] < 0.4 * source["labels_expected"]  # ~33: 32 runs
     assert shuffled["source_blocks_per_batch"] > 3 * source["source_blocks_per_batch"]
