@@ -192,8 +192,7 @@ def source_positions(store) -> np.ndarray:
         if SOURCE_ROW in store.obs_column_names:
             return store.read_obs([SOURCE_ROW], index=False)[SOURCE_ROW].to_numpy(np.int64)
         return np.arange(store.n_cells, dtype=np.int64)
-    offsets = np.cumsum([0] + [m.n_cells for m in members[:-1]])
-    return np.concatenate([source_positions(m) + o for m, o in zip(members, offsets)])
+    return np.concatenate([source_positions(m) + o for m, o in zip(members, store.cell_offsets)])
 
 
 def write_shuffled(writer: Any, blocks: Iterable[tuple[int, Any, pd.DataFrame]], *, n_cells: int,
@@ -214,6 +213,6 @@ def write_shuffled(writer: Any, blocks: Iterable[tuple[int, Any, pd.DataFrame]],
             if progress is not None:
                 progress((start + n) // 2, n_cells)
         for csr, obs_block in shuffle.blocks(block_rows):
-            writer.append(csr, obs_block)
+            writer.append_validated(csr, obs_block)
             if progress is not None:
                 progress((n_cells + writer.n_cells) // 2, n_cells)

@@ -237,10 +237,23 @@ class StoreWriter:
         if self._closed:
             raise RuntimeError("StoreWriter is closed")
         csr = self._check_block(block)
+        if csr.shape[0]:
+            self._write(csr, self._check_obs(obs, csr.shape[0]))
+
+    def append_validated(self, csr: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        """Add cells that `validate` returned, in any order or grouping of its rows (the checks
+        are per cell, so a reordering caller does not pay for them twice)."""
+        if self._closed:
+            raise RuntimeError("StoreWriter is closed")
+        if csr.shape[0]:
+            self._write(csr, obs)
+
+    def _write(self, csr: sp.csr_matrix, obs: pd.DataFrame) -> None:
+        got = [str(c) for c in obs.columns]
+        if self._obs_columns is not None and got != self._obs_columns[:-1]:
+            raise ValueError(f"{self._label}obs columns {got} differ from the first "
+                             f"block's {self._obs_columns[:-1]}")
         n = csr.shape[0]
-        if n == 0:
-            return
-        obs = self._check_obs(obs, n)
         self._id_hashes.append(pd.util.hash_array(obs.index.astype(str).to_numpy(object)))
         row_sums = np.asarray(csr.sum(axis=1, dtype=np.float64)).reshape(-1)
         self._accumulate(csr, row_sums)
@@ -249,7 +262,7 @@ class StoreWriter:
         self._indptr.append(self.nnz + csr.indptr[1:].astype(np.int64))
         obs = obs.assign(**{N_COUNTS: row_sums})
         if self._obs_columns is None:
-            self._obs_columns = [str(c) for c in obs.columns]
+            self._obs_columns = [str(c) for c in obs.columns]  # n_counts last
             self._obs[INDEX_COLUMN] = self._sink("obs", INDEX_COLUMN,
                                                  pd.Series(obs.index.astype(str)), "string")
             for c in self._obs_columns:
@@ -308,14 +321,7 @@ class StoreWriter:
             _refuse_duplicates(self._label, ids[ids.duplicated(keep=False)])
         # NOTE: n_counts is the sum of the stored values; a source column of that name is kept
         # as n_counts_source rather than silently replaced.
-        obs = obs.rename(columns={N_COUNTS: f"{N_COUNTS}_source"})
-        if self._obs_columns is not None:
-            got = [str(c) for c in obs.columns]
-            want = [c for c in self._obs_columns if c != N_COUNTS]
-            if got != want:
-                raise ValueError(f"{self._label}obs columns {got} differ from the first "
-                                 f"block's {want}")
-        return obs
+        return obs.rename(columns={N_COUNTS: f"{N_COUNTS}_source"})
 
     def _accumulate(self, csr: sp.csr_matrix, row_sums: np.ndarray) -> None:
         scale = SEURAT_TARGET_SUM / np.where(row_sums > 0, row_sums, 1.0)

@@ -153,7 +153,16 @@ def test_block_shape_and_obs_mismatch(tmp_path):
         w.append(make_counts(5, 8), make_obs(5))
         with pytest.raises(ValueError, match="obs columns"):
             w.append(make_counts(5, 8), make_obs(5).drop(columns="dose"))
-    assert open_store(tmp_path / "s").n_cells == 5
+        # the reordering path (shuffled ingest): checked once by validate, written as given
+        csr, obs = w.validate(make_counts(6, 8, seed=1), make_obs(6, seed=1), first_row=100)
+        w.append_validated(csr[::-1], obs.iloc[::-1].set_axis([f"v{i}" for i in range(6)]))
+        with pytest.raises(ValueError, match="obs columns"):
+            w.append_validated(csr, obs.drop(columns="dose"))
+        with pytest.raises(ValueError, match=r"rows 100-101: raw counts.*cell row 100"):
+            w.validate(sp.csr_matrix(np.full((1, 8), 0.5, np.float32)), None, first_row=100)
+    store = open_store(tmp_path / "s")
+    assert store.n_cells == 11
+    assert (store.read_csr(5, 11) != make_counts(6, 8, seed=1)[::-1]).nnz == 0
 
 
 def test_uncommitted_store_is_refused_and_rewritable(tmp_path):
