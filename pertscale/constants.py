@@ -17,6 +17,13 @@ Tokens (torch tensors; padded layout uses [B, L], packed layout uses [T] = sum o
     MAX_SEQLEN     int                  longest sequence in a packed batch
     CONDITION_IDS  int64  [B]           optional condition / batch label per cell
 
+Expression inputs (pathway_vae; packed layout, GENE_IDS / CU_SEQLENS / MAX_SEQLEN as above):
+    EXPRESSION     float32[T]     log1p-normalised value of each token's gene (<cls>: 1)
+    X_RECON        float32[B, G]  the cell over every vocabulary gene, on the decoder's scale
+                                  (raw counts for a negative binomial, log1p values for a Gaussian)
+    LIBRARY_SIZE   float32[B]     total counts of the cell over its measured genes
+    GENE_MEASURED  bool   [B, G]  genes the cell's source store measures (collections only)
+
 Paired batches (the "paired" task: each perturbed cell with a control of its covariate; numpy):
     CELL_INDEX     int64  [B]     global row of each perturbed cell
     CONTROL_INDEX  int64  [B]     global row of the control cell paired with it
@@ -47,6 +54,11 @@ PADDING_MASK = "padding_mask"
 CU_SEQLENS = "cu_seqlens"
 MAX_SEQLEN = "max_seqlen"
 CONDITION_IDS = "condition_ids"
+
+EXPRESSION = "expression"
+X_RECON = "x_recon"
+LIBRARY_SIZE = "library_size"
+GENE_MEASURED = "gene_measured"
 
 CONTROL_INDEX = "control_index"
 CONDITION = "condition"

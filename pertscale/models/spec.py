@@ -8,13 +8,16 @@ A spec says, for one model (torchtitan's ModelSpec is the pattern):
                  tokenizer), "paired" (perturbed cells each paired with a control of the same
                  context) or "pseudobulk" (a closed-form fit on per-condition mean changes)
     build        trained models: (config, context) -> torch module whose forward returns
-                 LossOutput; the context is the vocabulary (task "cells") or the task context
-                 dict (task "paired": genes, perturbation table, priors; see
-                 pertscale.data.paired.build_paired_context)
+                 LossOutput; the context is the vocabulary (task "cells"; with a `prepare`,
+                 its entries plus "vocab") or the task context dict (task "paired": genes,
+                 perturbation table, priors; see pertscale.data.paired.build_paired_context)
     make_inputs  trained models: (job config, context) -> callable(loader batch, generator) ->
                  the module's input dict
-    prepare      paired models: (job config, PairedTask) -> the model's own context entries
-                 (e.g. GEARS' perturbation table and graphs), computed once on the driver;
+    prepare      (job config, task data) -> the model's own context entries, computed once on
+                 the driver ("report": facts logged as run parameters). Paired models (task data:
+                 the PairedTask) must have one (e.g. GEARS' perturbation table and graphs); a
+                 cells model may (task data: the open store; e.g. pathway_vae's pathway
+                 selection), and then its context is those entries plus "vocab";
                  a paired module also has predict_delta(pert_genes, pert_signs, covariate)
                  (covariate: row of the context's `covariates`)
     fit          fitted models: (config, data, train conditions, features, parallel map) ->

@@ -141,17 +141,25 @@ def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
                  show_progress: bool = True) -> PretrainResult:
     """Pretrain `job` on the Ray cluster at `address` (or an embedded one) and register the
     final weights; see the module docstring."""
+    from pertscale.models import get_spec
     from pertscale.tracking import log_model
     from pertscale.tracking.registry import load_model_dir
 
     job, store = _resolve_store(job)
+    spec = get_spec(job.model.name)
+    context, prepared = None, {}
+    if spec.prepare is not None:  # e.g. pathway_vae's pathway selection, once, on the driver
+        context = dict(spec.prepare(job, store))
+        prepared = context.pop("report", {})
     launched = launch_training(job, kind="pretrain", address=address,
-                               show_progress=show_progress,
+                               show_progress=show_progress, context=context,
                                tags={"store_fingerprint": store.fingerprint,
                                      "store_uri": job.data.store_uri})
     ckpt_dir, logger = launched.checkpoint_dir, launched.logger
     model_uri = None
     if logger is not None:
+        if prepared:
+            logger.log_params({f"prepared.{k}": v for k, v in prepared.items()})
         model_uri = log_model(logger, load_model_dir(ckpt_dir / MODEL_DIR),
                               tags={"store_fingerprint": store.fingerprint,
                                     "store_uri": job.data.store_uri, "task": "pretrain",

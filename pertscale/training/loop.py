@@ -4,7 +4,8 @@
 globals): the job config as a plain dict under "job" and its kind under "kind" ("pretrain" or
 "finetune"), the driver's run facts under "run" (tracking URI and MLflow run id, the progress
 board actor) and, for the paired task, the task context the driver computed once under
-"context" (genes, perturbation table, priors, validation targets). It builds, for its rank, the
+"context" (genes, perturbation table, priors, validation targets; for a cells model with a
+`prepare`, e.g. pathway_vae's pathway selection, what it prepared). It builds, for its rank, the
 task's loader (cells: the CellLoader; paired: the PairedLoader), then everything else from the
 model's spec (`pertscale.models.MODELS[model.name]`): the input builder (`make_inputs`, e.g.
 scgpt's tokenizer) and the module (`build`) inside the DeepSpeed engine; restores the latest
@@ -117,7 +118,9 @@ def _task(job: Any, spec: Any, config: dict[str, Any], rank: int, world: int):
         from pertscale.data.loader import build_loader
 
         loader = build_loader(job.data, rank=rank, world_size=world)
-        return loader, loader.store.vocab.tokens, None
+        tokens = loader.store.vocab.tokens
+        prepared = config.get("context")  # the spec's prepare, run once on the driver
+        return loader, tokens if prepared is None else {**prepared, "vocab": tokens}, None
     from pertscale.data.paired import PairedLoader, PairedValidation
 
     context = config["context"]
@@ -231,8 +234,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                         best_val_mse_de=progress.best_score)
                     save_model_dir(out / MODEL_DIR, spec.export(
                         job.model, weights,
-                        {"job": job.to_dict(), "vocab": list(context) if spec.task == "cells"
-                         else None, "gene_symbols": symbols, "context": context,
+                        {"job": job.to_dict(), "vocab": loader.store.vocab.tokens
+                         if spec.task == "cells" else None, "gene_symbols": symbols,
+                         "context": context,
                          "training": training}))
             if rank == 0:
                 write_meta(out, {"step": progress.step, "world_size": world,

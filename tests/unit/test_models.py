@@ -49,18 +49,25 @@ def _cells_step(spec, job, simulated):
 
     loader = CellLoader(simulated["store"], batch_size=16, block_size=16, rank=0, world_size=1,
                         seed=0)
-    vocab = loader.store.vocab.tokens
+    vocab = context = loader.store.vocab.tokens
+    if spec.prepare is not None:  # pathway_vae: pathway tokens from the simulator's gene sets
+        files = simulated["files"]
+        job = job.replace(model=job.model.replace(pathways=job.model.pathways.replace(
+            gmt=str(files / "gene_sets.gmt"), dag_edges=str(files / "go_dag_edges.tsv"))))
+        prepared = dict(spec.prepare(job, loader.store))
+        assert prepared.pop("report")["pathways"] >= 1
+        context = {**prepared, "vocab": vocab}
     torch.manual_seed(0)
-    module = spec.build(job.model, vocab)
-    inputs = spec.make_inputs(job, vocab)(next(iter(loader)),
-                                          generator=torch.Generator().manual_seed(0))
+    module = spec.build(job.model, context)
+    inputs = spec.make_inputs(job, context)(next(iter(loader)),
+                                            generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
     out = module(inputs)
     out.loss.backward()
     unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, f"parameters outside the loss: {unused}"
     opt.step()
-    context = {"job": job.to_dict(), "vocab": vocab,
+    context = {"job": job.to_dict(), "vocab": vocab, "context": context,
                "gene_symbols": loader.store.var["gene_symbol"].astype(str).tolist()}
     return module, inputs, out, context
 
@@ -119,6 +126,7 @@ def test_every_spec_steps_or_fits_exports_and_reloads(name, simulated, tmp_path)
         step = _cells_step if spec.task == "cells" else _paired_step
         args = (tmp_path,) if spec.task == "paired" else ()
         module, _, out, context = step(spec, job, simulated, *args)
+        job = type(job).from_dict(context["job"])  # with the step's data / prior paths
         assert isinstance(out, LossOutput) and torch.isfinite(out.loss)
         for value in (*out.metrics.values(), *out.counts.values()):
             assert not value.requires_grad

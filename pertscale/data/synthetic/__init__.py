@@ -14,7 +14,13 @@ from pertscale.data.synthetic.annotations import (
     build_gene_embeddings,
     build_go_annotations,
 )
-from pertscale.data.synthetic.cells import CHUNK_CELLS, CellDesign, build_design, simulate_blocks
+from pertscale.data.synthetic.cells import (
+    CHUNK_CELLS,
+    CellDesign,
+    build_design,
+    program_activity,
+    simulate_blocks,
+)
 from pertscale.data.synthetic.config import SimulatorConfig
 from pertscale.data.synthetic.dataset import (
     FILES,
@@ -40,6 +46,7 @@ __all__ = [
     "build_go_annotations",
     "build_ground_truth",
     "load_truth",
+    "program_activity",
     "propagate",
     "simulate",
     "simulate_blocks",

@@ -27,7 +27,8 @@ from pertscale.data.synthetic.truth import (
     rng_for,
 )
 
-__all__ = ["CHUNK_CELLS", "CellDesign", "build_design", "sample_counts", "simulate_blocks"]
+__all__ = ["CHUNK_CELLS", "CellDesign", "build_design", "program_activity", "sample_counts",
+           "simulate_blocks"]
 
 CHUNK_CELLS = 4096
 
@@ -60,17 +61,34 @@ def build_design(cfg: SimulatorConfig, truth: GroundTruth) -> CellDesign:
     return CellDesign(condition=condition, cell_type=cell_type, batch=batch)
 
 
+def _chunk_start(cfg: SimulatorConfig, design: CellDesign, chunk: int):
+    """(rng after the chunk's per-cell draws, cell rows, library noise [n], program activity
+    [n, K]): the first draws of a chunk's stream, shared by sample_counts and program_activity."""
+    rng = rng_for(cfg, STREAM_CELLS, chunk)
+    rows = slice(chunk * CHUNK_CELLS, min(design.num_cells, (chunk + 1) * CHUNK_CELLS))
+    n = len(design.condition[rows])
+    library_noise_N = rng.normal(0.0, cfg.library_size_sd, n).astype(np.float32)
+    activity_NK = rng.normal(0.0, cfg.program_activity_sd, (n, cfg.n_programs)).astype(np.float32)
+    return rng, rows, library_noise_N, activity_NK
+
+
+def program_activity(cfg: SimulatorConfig, design: CellDesign) -> np.ndarray:
+    """float32 [n_cells, n_programs]: each cell's latent program activities (the per-cell
+    co-expression signal of each gene program), in cell order: the ground truth that a model's
+    pathway activities can be compared with."""
+    n_chunks = -(-design.num_cells // CHUNK_CELLS)
+    return np.concatenate([_chunk_start(cfg, design, c)[3] for c in range(n_chunks)]
+                          or [np.zeros((0, cfg.n_programs), np.float32)])
+
+
 def sample_counts(cfg: SimulatorConfig, truth: GroundTruth, design: CellDesign,
                   chunk: int) -> sp.csr_matrix:
     """Raw counts (float32 CSR [cells, genes]) of the cells in chunk number `chunk`."""
-    rng = rng_for(cfg, STREAM_CELLS, chunk)
-    rows = slice(chunk * CHUNK_CELLS, min(design.num_cells, (chunk + 1) * CHUNK_CELLS))
+    rng, rows, library_noise_N, activity_NK = _chunk_start(cfg, design, chunk)
     cond, ct, b = design.condition[rows], design.cell_type[rows], design.batch[rows]
     n = len(cond)
-    log_library_N = (np.log(cfg.library_size_median)
-                     + rng.normal(0.0, cfg.library_size_sd, n).astype(np.float32)
+    log_library_N = (np.log(cfg.library_size_median) + library_noise_N
                      + np.log(truth.batch_library_factor[b]))
-    activity_NK = rng.normal(0.0, cfg.program_activity_sd, (n, cfg.n_programs)).astype(np.float32)
     in_program = truth.program >= 0
     # background genes have loading 0, so any program index works for them
     log_mu_NG = (truth.base_log[ct] + truth.batch_shift[b] + truth.lfc[cond, ct]
