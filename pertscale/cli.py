@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("pertscale.eval.commands:evaluate_main", "evaluate models beside baselines and write a report"),
     "pull": ("pertscale.tracking.commands:pull_main", "fetch and verify a registered model (models:/NAME@ALIAS)"),
     "alias": ("pertscale.tracking.commands:alias_main", "point an alias at a registered version (models:/NAME/3 champion)"),
+    "embed": ("pertscale.embedding:main", "per-cell latents and pathway activities of a registered model, with a pathway discrepancy table"),
     "predict": ("pertscale.predict:main", "predict expression for perturbations with a registered model, as .h5ad or .csv"),
     "bench": ("pertscale.bench:main", "benchmarks: ingest, loader, train"),
 }

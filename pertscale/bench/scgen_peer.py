@@ -13,12 +13,13 @@ tutorial's flow unchanged:
 2. `scgen.SCGEN(train)` with the default architecture (n_hidden=800, n_latent=100, n_layers=2,
    dropout 0.2, kl_weight 5e-5), then `train(max_epochs, batch_size, early_stopping=True,
    early_stopping_patience)`: scvi holds out 10% of `train` as validation (a permutation drawn
-   from `scvi.settings.seed`) and stops on `elbo_validation`; the model is left in eval mode;
+   from `scvi.settings.seed`) and stops on `elbo_validation` without restoring the best epoch's
+   weights (the last epoch's are used); the model is left in eval mode;
 3. `pred, delta = model.predict(ctrl_key, stim_key, celltype_to_predict=HELD_OUT)`, timed as
    `predict_s`. What scgen 2.1.0's predict (scgen/_scgen.py) does: it takes the control and the
-   stimulated cells of the TRAINING AnnData, balances each with `balancer` (every cell type is
-   upsampled, drawing with replacement, to the count of its largest type: the control side has all
-   types, the stimulated side every type but the held-out one), subsamples both to the smaller of
+   stimulated cells of the TRAINING AnnData, balances each with `balancer` (every cell type, the largest
+   included, is resampled with replacement to the size of the largest type: the control side has
+   all types, the stimulated side every type but the held-out one), subsamples both to the smaller of
    the two sizes without replacement, and takes delta = mean latent(stim) - mean latent(ctrl),
    latents being the encoder means. The held-out type's control cells are encoded, shifted by delta
    and decoded (decoder mean, no sampling): one predicted cell per control cell. All of that

@@ -4,11 +4,22 @@ Legend: B cells, T packed tokens, L longest sequence, V vocabulary tokens (3 spe
 G genes, P pathways, M most member genes of a pathway, U genes in any pathway, C d_model,
 H heads, D head dim, Z latent dim.
 
-1. Gene tokens: a learnable gene embedding times the gene's log1p-normalised expression
-   (`E[g] * x_g`), over the cell's expressed genes and a <cls> token (value 1), packed.
+1. Gene tokens: a learnable gene embedding times the gene's log1p-normalised expression,
+   plus a second learnable gene embedding (`E[g] * x_g + B[g]`), over the cell's expressed
+   genes and a <cls> token (value 1), packed. NOTE: B is not decoration. Every per-token
+   normalisation (LayerNorm, RMSNorm) is scale invariant, so LN(E[g] * x_g) = LN(E[g]) for any
+   x_g > 0: with E x alone, the pre-norm attention and the pathway keys would see only which
+   genes are expressed, never how much (measured: pathway activities then follow the true
+   program activity at |r| 0.09 on the simulator, against 0.4+ with B).
 2. A transformer encoder over those tokens (no position encoding; the scgpt layers and their
    attention backends: varlen on the packed layout, or the plain reference).
-3. One learnable token per pathway cross-attends to the encoded gene tokens of its cell:
+3. One learnable token per pathway cross-attends to the gene tokens of its cell: keys from the
+   encoded tokens (context decides how much each member counts), values from the gene tokens
+   before the encoder, so a pathway's output is made of its own member genes' expression only.
+   NOTE: with values from the encoded tokens, self-attention carries other genes into every
+   pathway: measured on the simulator, |r| with the true program activity fell from 0.39 (no
+   encoder layer) to 0.19 (one layer); values from the tokens keep the mask meaningful.
+   Masks:
    - `hard`: only to the pathway's member genes (-inf elsewhere). Computed sparsely: each
      pathway gathers at most M < 30 member tokens per cell instead of scoring all L tokens;
      `dense=True` runs the same math on the full [B, P, L] score tensor (the reference).
@@ -86,7 +97,7 @@ class PathwayVAEConfig(ModelConfig):
     latent_dim: int = 16             # Gaussian latent size
     decoder_hidden: int = 128        # decoder MLP width
     likelihood: str = "auto"         # auto (nb on raw counts, gaussian otherwise) | nb | gaussian
-    kl_weight: float = 1.0           # weight of the KL term
+    kl_weight: float = 0.1           # weight of the KL term (activities follow programs better than at 1)
     dropout: float = 0.0             # dropout on embeddings, sublayers and the decoder
     max_seq_len: int = 1024          # tokens per cell incl. <cls>; more genes are sampled down
     target_sum: float = 1e4          # per-cell total of the encoder's log1p-normalised input
@@ -133,7 +144,8 @@ class PathwayAttention(nn.Module):
         self.n_heads, self.mask_mode = n_heads, mask
         self.query = nn.Parameter(torch.randn(P, C) * 0.02)
         self.q_proj = nn.Linear(C, C)
-        self.kv_proj = nn.Linear(C, 2 * C)
+        self.k_proj = nn.Linear(C, C)
+        self.v_proj = nn.Linear(C, C)
         self.out_proj = nn.Linear(C, C)
         self.null_kv = nn.Parameter(torch.zeros(2, n_heads, C // n_heads))
 
@@ -172,15 +184,17 @@ class PathwayAttention(nn.Module):
         out = torch.einsum(einsum_v, p[:, :, :K], v_keys)
         return out + p[:, :, K, :, None] * v_null_HD
 
-    def forward(self, h_TC: torch.Tensor, ids_T: torch.Tensor, cu_seqlens: torch.Tensor,
-                max_seqlen: int, *, dense: bool = False) -> torch.Tensor:
+    def forward(self, h_TC: torch.Tensor, x_TC: torch.Tensor, ids_T: torch.Tensor,
+                cu_seqlens: torch.Tensor, max_seqlen: int, *, dense: bool = False
+                ) -> torch.Tensor:
+        """Keys from the encoded tokens `h_TC`, values from the gene tokens themselves `x_TC`."""
         T, C = h_TC.shape
         H = self.n_heads
         D = C // H
         B = len(cu_seqlens) - 1
         scale = 1.0 / math.sqrt(D)
         q_PHD = self.q_proj(self.query).view(-1, H, D)
-        k_THD, v_THD = self.kv_proj(h_TC).view(T, 2, H, D).unbind(1)
+        k_THD, v_THD = self.k_proj(h_TC).view(T, H, D), self.v_proj(x_TC).view(T, H, D)
         seq_T = torch.repeat_interleave(torch.arange(B, device=h_TC.device),
                                         (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=T)
         s_null_PH, v_null_HD = self._null(q_PHD, scale)
@@ -237,11 +251,13 @@ class PathwayVAEEncoder(nn.Module):
         C, P = cfg.d_model, len(indptr) - 1
         self.attention_backend = "varlen" if cfg.attention == "auto" else cfg.attention
         self.gene_embedding = GeneEmbedding(vocab_size, C)
+        self.gene_identity = GeneEmbedding(vocab_size, C)
         self.dropout = nn.Dropout(cfg.dropout)
         size = ScGPTSize(d_model=C, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff)
         self.layers = nn.ModuleList(EncoderLayer(size, cfg.dropout, norm_first=True)
                                     for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(C)
+        self.token_norm = nn.LayerNorm(C)
         self.pathways = PathwayAttention(C, cfg.n_heads, vocab_size, indptr, member_ids,
                                          mask=cfg.mask, soft_noise=cfg.soft_noise,
                                          gate_logit=cfg.gate_logit)
@@ -254,12 +270,14 @@ class PathwayVAEEncoder(nn.Module):
         """(activities [B, P], mu [B, Z], logvar [B, Z]) of a packed expression batch."""
         ids_T, cu = batch[GENE_IDS], batch[CU_SEQLENS]
         max_seqlen = int(batch[MAX_SEQLEN])
-        h = self.gene_embedding(ids_T) * batch[EXPRESSION].to(self.readout_PC.dtype)[:, None]
-        h = self.dropout(h)
+        value_T = batch[EXPRESSION].to(self.readout_PC.dtype)[:, None]
+        x = self.dropout(self.gene_embedding(ids_T) * value_T + self.gene_identity(ids_T))
+        h = x
         attn_kwargs = {"cu_seqlens": cu, "max_seqlen": max_seqlen}
         for layer in self.layers:
             h = layer(h, self.attention_backend, attn_kwargs)
-        o_BPC = self.pathways(self.norm(h), ids_T, cu, max_seqlen, dense=dense)
+        o_BPC = self.pathways(self.norm(h), self.token_norm(x), ids_T, cu, max_seqlen,
+                              dense=dense)
         act_BP = torch.einsum("bpc,pc->bp", o_BPC, self.readout_PC) + self.readout_bias_P
         mu, logvar = self.to_latent(act_BP).chunk(2, dim=-1)
         return act_BP, mu, logvar

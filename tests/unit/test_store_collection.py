@@ -170,3 +170,26 @@ def test_the_same_file_twice_is_refused(collection):
         ingest([tmp_path / "a.h5ad", tmp_path / "b.h5ad", tmp_path / "." / "a.h5ad"],
                tmp_path / "twice", IngestConfig())
     assert not (tmp_path / "twice").exists()
+
+
+def test_measured_genes_follow_each_member(collection):
+    """A cell of a collection counts only the genes its member store measures (pathway_vae's
+    loss): member a has G1-G4, member b has G1, G3, G5."""
+    import torch
+
+    from pertscale.constants import CELL_INDEX, GENE_MEASURED, INDICES, INDPTR, VALUES
+    from pertscale.data.expression import ExpressionInputs, measured_genes
+
+    tmp_path, _, _ = collection
+    coll = open_store(tmp_path / "c")
+    offsets, measured = measured_genes(coll)
+    np.testing.assert_array_equal(offsets, [0, 70, 120])
+    np.testing.assert_array_equal(measured, [[1, 1, 1, 1, 0], [1, 0, 1, 0, 1]])
+    rows = np.array([3, 69, 70, 119])
+    x = sp.vstack([coll.read_csr(r, r + 1) for r in rows]).tocsr()
+    batch = {INDPTR: x.indptr.astype(np.int64), INDICES: x.indices, VALUES: x.data,
+             CELL_INDEX: rows}
+    out = ExpressionInputs(5, raw_counts=True, target="counts", max_seq_len=8,
+                           measured=(offsets, measured))(batch, torch.Generator())
+    np.testing.assert_array_equal(out[GENE_MEASURED].numpy(), measured[[0, 0, 1, 1]])
+    assert measured_genes(coll.members[0]) is None  # a single store measures all its genes
