@@ -10,7 +10,7 @@ from pertscale.data.perturbation import PerturbationConfig
 from pertscale.data.splits import SplitConfig
 from pertscale.eval.baselines import BASELINES, LinearConfig
 from pertscale.eval.cv import RayConfig
-from pertscale.eval.metrics import METRIC_FAMILIES
+from pertscale.eval.metrics import DEFAULT_FAMILIES, METRIC_FAMILIES
 from pertscale.models import ModelConfig, get_spec
 from pertscale.models.genepert import GenePertConfig
 from pertscale.tracking import TrackingConfig
@@ -49,7 +49,7 @@ class ReportConfig(Config):
     out_dir: str = ""  # report folder; "" = <storage root>/reports/<run name>-<UTC time>
     title: str = ""  # report heading; "" = from the job and the store
     metrics: list[str] = dataclasses.field(
-        default_factory=lambda: list(METRIC_FAMILIES))  # metric families: gears, cell-eval, systema
+        default_factory=lambda: list(DEFAULT_FAMILIES))  # families: gears, cell-eval, systema, scgen
     baselines: list[str] = dataclasses.field(
         default_factory=lambda: ["no_change", "train_mean", "additive", "matching_mean",
                                  "linear"])  # baselines beside the models

@@ -10,6 +10,10 @@ computes:
 - `direction_accuracy` share of genes where sign(pred - ctrl) equals sign(true - ctrl)
 - `r2_mean`            coefficient of determination 1 - SS_res / SS_tot of pred against true
                        across genes (sklearn's r2_score on the mean vectors; not a squared r)
+- `r2_pearson`         squared Pearson correlation of pred with true across genes: the "R^2 of
+                       mean expression" scGen reports (its reg_mean_plot: scipy linregress r^2),
+                       on all genes (`r2_pearson_mean`) and on the top DE genes
+                       (`r2_pearson_mean_de`; scGen uses the top 100 of stimulated vs control)
 
 An undefined value (Pearson of a constant vector, R^2 of a constant target) is NaN, never a
 made-up number: the no-change baseline has no Pearson delta.
@@ -38,6 +42,7 @@ import numpy as np
 
 __all__ = [
     "BEST_VALUE",
+    "DEFAULT_FAMILIES",
     "METRIC_FAMILIES",
     "METRIC_NAMES",
     "centroid_accuracy",
@@ -49,6 +54,8 @@ __all__ = [
     "pearson_delta",
     "perturbation_metrics",
     "r2_mean",
+    "r2_pearson",
+    "scgen_metrics",
 ]
 
 
@@ -170,6 +177,21 @@ def r2_mean(pred: np.ndarray, true: np.ndarray, genes: np.ndarray | None = None)
     return 1.0 - float(np.sum((true - pred) ** 2)) / ss_tot
 
 
+def r2_pearson(pred: np.ndarray, true: np.ndarray, genes: np.ndarray | None = None) -> float:
+    """Squared Pearson correlation of pred with true across genes (NaN if either is constant)."""
+    pred, true = _as_vectors(genes, pred, true)
+    if pred.std() == 0 or true.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(pred, true)[0, 1] ** 2)
+
+
+def scgen_metrics(pred: np.ndarray, true: np.ndarray, de_idx: np.ndarray) -> dict[str, float]:
+    """The scgen family for one perturbation: R^2 of means as scGen reports it (squared
+    Pearson), on all genes and on the top DE genes."""
+    return {"r2_pearson_mean": r2_pearson(pred, true),
+            "r2_pearson_mean_de": r2_pearson(pred, true, de_idx)}
+
+
 # name -> function of (pred, true, ctrl, de_idx, de_nd_idx); "_de" metrics use the top DE genes,
 # "_de_nd" the top non-dropout DE genes.
 _METRICS: dict[str, Callable[..., float]] = {
@@ -189,7 +211,10 @@ METRIC_FAMILIES: dict[str, tuple[str, ...]] = {
     "gears": METRIC_NAMES,
     "cell-eval": ("mae", "discrimination_score_l1", "overlap_at_n"),
     "systema": ("pearson_delta_pert", "pearson_delta_pert_de", "centroid_accuracy"),
+    "scgen": ("r2_pearson_mean", "r2_pearson_mean_de", "r2_mean"),
 }
+# The families a report shows unless its config says otherwise.
+DEFAULT_FAMILIES: tuple[str, ...] = ("gears", "cell-eval", "systema")
 # Best value of each metric: 0 (lower is better) or 1 (higher is better); R^2 and the Pearson
 # family are bounded by 1 as well.
 BEST_VALUE: dict[str, int] = {
@@ -197,7 +222,7 @@ BEST_VALUE: dict[str, int] = {
     **{m: 1 for m in ("pearson_delta", "pearson_delta_de", "pearson_delta_de_nd",
                       "direction_accuracy_de", "r2_mean", "discrimination_score_l1",
                       "overlap_at_n", "pearson_delta_pert", "pearson_delta_pert_de",
-                      "centroid_accuracy")},
+                      "centroid_accuracy", "r2_pearson_mean", "r2_pearson_mean_de")},
 }
 
 

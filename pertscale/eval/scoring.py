@@ -38,6 +38,7 @@ from pertscale.eval.metrics import (
     mae,
     pearson_delta,
     perturbation_metrics,
+    scgen_metrics,
 )
 
 __all__ = ["EvalCells", "Scorer", "load_eval_cells", "metric_columns"]
@@ -48,7 +49,9 @@ def metric_columns(families: list[str]) -> list[str]:
     unknown = sorted(set(families) - set(METRIC_FAMILIES))
     if unknown:
         raise ValueError(f"metric families {unknown} are not among {list(METRIC_FAMILIES)}")
-    return [m for f in METRIC_FAMILIES if f in families for m in METRIC_FAMILIES[f]]
+    # NOTE: a metric in two chosen families (r2_mean: gears and scgen) is one column
+    return list(dict.fromkeys(m for f in METRIC_FAMILIES if f in families
+                              for m in METRIC_FAMILIES[f]))
 
 
 @dataclasses.dataclass
@@ -150,5 +153,7 @@ class Scorer:
                 row.update(self._cell_eval(cond, delta_G))
             if "systema" in self.families:
                 row.update(self._systema(cond, pred_G))
+            if "scgen" in self.families:
+                row.update(scgen_metrics(pred_G, self.data.mean(cond), self.data.de_idx[cond]))
             rows.append(row)
         return pd.DataFrame(rows, columns=["condition", *self.columns])

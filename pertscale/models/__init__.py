@@ -7,7 +7,7 @@ only specs. Adding a model: one module exporting `SPEC`, one config file, one li
 
 from __future__ import annotations
 
-from pertscale.models import gears, genepert, pathway_vae, scgpt, scgpt_perturb
+from pertscale.models import gears, genepert, pathway_vae, scgen, scgpt, scgpt_perturb
 from pertscale.models.attention import ATTENTION_BACKENDS, attention
 from pertscale.models.output import LossOutput
 from pertscale.models.scgpt import SCGPT_FLAVORS, ScGPT, ScGPTConfig, ScGPTSize
@@ -35,4 +35,5 @@ MODELS: dict[str, ModelSpec] = {
     "gears": gears.SPEC,
     "scgpt_perturb": scgpt_perturb.SPEC,
     "pathway_vae": pathway_vae.SPEC,
+    "scgen": scgen.SPEC,
 }

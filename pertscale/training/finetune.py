@@ -73,9 +73,10 @@ def _init_from(job: FinetuneJobConfig, data: Any) -> tuple[dict[str, Any], dict[
              "init_from_version": f"models:/{parent.name}/{parent.version}", **report})
 
 
-def _plan(job: FinetuneJobConfig, task: Any) -> FinetuneJobConfig:
-    """trainer.max_steps from epochs, and the step schedule's period of one epoch."""
-    n_train = int(task.data.conditions.loc[task.split.train, "n_cells"].sum())
+def _plan(job: FinetuneJobConfig, task: Any, conditions: list[str]) -> FinetuneJobConfig:
+    """trainer.max_steps from epochs over the cells of the loader's `conditions`, and the step
+    schedule's period of one epoch."""
+    n_train = int(task.data.conditions.loc[list(conditions), "n_cells"].sum())
     world, bs = job.trainer.num_workers, job.data.batch_size
     steps_per_epoch = n_train // world // bs // job.engine.grad_accum_steps
     if steps_per_epoch < 1:
@@ -119,7 +120,7 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
     prepared = extra.pop("report", {})
     init, init_tags = _init_from(job, data)
     context = build_paired_context(task, extra.pop("pert_genes"), {**extra, **init})
-    job = _plan(job, task)
+    job = _plan(job, task, context.get("loader_conditions") or split.train)
     lineage = {"store_fingerprint": data.source["fingerprint"], "store_uri": data.source["uri"],
                "split": split.name, **init_tags}
     launched = launch_training(job, kind="finetune", context=context, address=address,

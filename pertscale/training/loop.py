@@ -124,7 +124,9 @@ def _task(job: Any, spec: Any, config: dict[str, Any], rank: int, world: int):
     from pertscale.data.paired import PairedLoader, PairedValidation
 
     context = config["context"]
-    loader = PairedLoader(job.data, context["train"]["conditions"], rank=rank, world_size=world)
+    # NOTE: a model may draw from more conditions than it is scored on (scgen: every control)
+    conditions = context.get("loader_conditions") or context["train"]["conditions"]
+    loader = PairedLoader(job.data, conditions, rank=rank, world_size=world)
     return loader, context, PairedValidation(context) if context.get("val") else None
 
 

@@ -139,3 +139,24 @@ def test_de_overlap_at_the_true_de_count():
 def test_every_family_metric_has_a_best_value():
     for family, names in METRIC_FAMILIES.items():
         assert set(names) <= set(BEST_VALUE), family
+
+
+def test_r2_pearson_is_scgens_squared_correlation_of_means():
+    """scGen's R^2 of means is the squared Pearson r (scipy linregress), not 1 - SSres/SStot:
+    a prediction off by a constant factor keeps R^2 = 1 but loses the coefficient of
+    determination."""
+    from scipy.stats import linregress
+
+    from pertscale.eval.metrics import r2_mean, r2_pearson, scgen_metrics
+
+    rng = np.random.default_rng(0)
+    true = rng.gamma(2.0, 1.0, 200)
+    pred = true + rng.normal(0, 0.5, 200)
+    assert r2_pearson(pred, true) == pytest.approx(linregress(pred, true).rvalue ** 2, rel=1e-12)
+    assert r2_pearson(2 * true + 1, true) == pytest.approx(1.0)
+    assert r2_mean(2 * true + 1, true) < 0
+    de = np.argsort(-true)[:100]
+    out = scgen_metrics(pred, true, de)
+    assert out["r2_pearson_mean_de"] == pytest.approx(
+        linregress(pred[de], true[de]).rvalue ** 2, rel=1e-12)
+    assert np.isnan(r2_pearson(np.ones(5), true[:5]))

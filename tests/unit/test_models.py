@@ -82,12 +82,16 @@ def _paired_step(spec, job, simulated, tmp_path):
                       priors=job.priors.replace(
                           go_path=str(simulated["files"] / "go_annotations.tsv"),
                           cache_dir=str(tmp_path / "cache")))
-    task = PairedTask(open_store(simulated["store"]), simulated["data"], simulated["split"],
-                      job.data)
+    from pertscale.data.splits import build_split
+
+    split = (simulated["split"] if job.data.split.kind == "simulation"
+             else build_split(simulated["data"], job.data.split))
+    task = PairedTask(open_store(simulated["store"]), simulated["data"], split, job.data)
     extra = dict(spec.prepare(job, task))
     extra.pop("report", None)
     context = build_paired_context(task, extra.pop("pert_genes"), extra)
-    loader = PairedLoader(job.data, context["train"]["conditions"])
+    loader = PairedLoader(job.data, context.get("loader_conditions")
+                          or context["train"]["conditions"])
     torch.manual_seed(0)
     module = spec.build(job.model, context)
     inputs = spec.make_inputs(job, context)(next(iter(loader)))
@@ -97,14 +101,17 @@ def _paired_step(spec, job, simulated, tmp_path):
     unused = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not unused, f"parameters outside the loss: {unused}"
     opt.step()
-    return module, inputs, out, {"job": job.to_dict(), "context": context, "training": {}}
+    return module, inputs, out, {"job": job.to_dict(), "context": context, "training": {},
+                                 "split": split}
 
 
-def _predictions(spec, predictor, simulated):
+def _predictions(spec, predictor, simulated, job_split=None):
     """What the predictor returns on simulated inputs of its kind."""
     data, split = simulated["data"], simulated["split"]
     if spec.predicts == "delta":
-        conds = split.test["unseen_single"][:5] + split.train[:3]
+        if job_split is not None:
+            split = job_split
+        conds = next(c for c in split.test.values() if c)[:5] + split.train[:3]
         perts = [data.perturbation(c) for c in conds]
         return predictor.predict_delta(perts, [data.conditions.at[c, "covariate"] for c in conds])
     from pertscale.store import open_store
@@ -143,8 +150,9 @@ def test_every_spec_steps_or_fits_exports_and_reloads(name, simulated, tmp_path)
     for key, tensor in exported.tensors.items():
         assert torch.equal(reloaded.tensors[key], tensor.detach().cpu()), key
     assert reloaded.vocab == exported.vocab
-    first = _predictions(spec, spec.load(exported), simulated)
-    again = _predictions(spec, spec.load(reloaded), simulated)
+    split = context.get("split") if spec.trained else None
+    first = _predictions(spec, spec.load(exported), simulated, split)
+    again = _predictions(spec, spec.load(reloaded), simulated, split)
     assert np.isfinite(first).all() and first.ndim == 2
     np.testing.assert_array_equal(first, again)
 
