@@ -11,7 +11,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.venv/torch_extensions
 
 CELLEVAL_STAMP := .venv-celleval/.installed
 
-.PHONY: venv quickstart test test-fast bench-ingest clean
+.PHONY: venv quickstart test test-fast bench-ingest bench-scgen clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,18 @@ $(CELLEVAL_STAMP):
 	.venv-celleval/bin/pip install -q cell-eval==0.8.2
 	touch $(CELLEVAL_STAMP)
 
+# The reference scGen (scgen 2.1.0) for `pertscale bench scgen`, in its own venv: it works only with
+# the scvi-tools of its time (0.17.4 here; 0.15/0.16 fail on Python 3.11), pinned in the file.
+SCGEN_STAMP := .venv-scgen/.installed
+$(SCGEN_STAMP): pertscale/bench/scgen_constraints.txt
+	test -x .venv-scgen/bin/python || $(PY) -m venv .venv-scgen
+	.venv-scgen/bin/pip install -q torch==2.13.0
+	.venv-scgen/bin/pip install -q -c pertscale/bench/scgen_constraints.txt scgen==2.1.0
+	touch $(SCGEN_STAMP)
+
+bench-scgen: $(STAMP) $(SCGEN_STAMP)
+	$(BIN)/pertscale bench scgen --peer-python .venv-scgen/bin/python
+
 quickstart: $(STAMP)
 	$(BIN)/pertscale quickstart --config configs/quickstart.toml
 
@@ -45,4 +57,4 @@ bench-ingest: $(STAMP)
 	$(BIN)/pertscale bench ingest --n-cells 200000
 
 clean:
-	rm -rf $(VENV) .venv-celleval storage/stores storage/mlflow storage/checkpoints storage/runs
+	rm -rf $(VENV) .venv-celleval .venv-scgen storage/stores storage/mlflow storage/checkpoints storage/runs

@@ -9,6 +9,7 @@ BENCHES: dict[str, str] = {
     "loader": "pertscale.bench.loader:main",
     "train": "pertscale.bench.train:main",
     "gears": "pertscale.bench.finetune:main",
+    "scgen": "pertscale.bench.scgen_kang:main",  # NOTE: not bench/scgen.py: the peer script beside it imports the package scgen
 }
 
 

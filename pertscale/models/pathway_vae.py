@@ -68,7 +68,7 @@ from pertscale.constants import (
 from pertscale.data.pathways import PathwaySelection, PathwaySelectionConfig
 from pertscale.models.output import LossOutput
 from pertscale.models.scgpt import EncoderLayer, GeneEmbedding, ScGPTSize
-from pertscale.models.spec import Exported, ModelConfig, ModelSpec
+from pertscale.models.spec import Exported, ModelConfig, ModelSpec, gene_columns
 
 __all__ = ["MASK_MODES", "SPEC", "PathwayAttention", "PathwayVAE", "PathwayVAEConfig",
            "PathwayVAEEncoder"]
@@ -443,13 +443,7 @@ class PathwayVAEEmbedder:
 
     def gene_columns(self, columns: Sequence[str]) -> np.ndarray:
         """Gene index of each column (gene id or symbol); an unknown column is an error."""
-        index = {g: i for i, g in enumerate(self.genes)}
-        index.update({s: i for i, s in enumerate(self.symbols) if s not in index})
-        unknown = [c for c in columns if c not in index]
-        if unknown:
-            raise ValueError(f"{len(unknown)} column(s) are not genes of this pathway_vae "
-                             f"model's vocabulary, e.g. {unknown[:5]}")
-        return np.array([index[c] for c in columns], dtype=np.int64)
+        return gene_columns(self.genes, self.symbols, columns, "pathway_vae")
 
     @torch.no_grad()
     def encode_csr(self, indptr: np.ndarray, genes: np.ndarray, values: np.ndarray,

@@ -42,7 +42,7 @@ from pertscale.constants import (
 )
 from pertscale.models.attention import ATTENTION_BACKENDS, attention
 from pertscale.models.output import LossOutput
-from pertscale.models.spec import Exported, ModelConfig, ModelSpec
+from pertscale.models.spec import Exported, ModelConfig, ModelSpec, gene_columns
 
 __all__ = ["SCGPT_FLAVORS", "SPEC", "ScGPT", "ScGPTConfig", "ScGPTEmbedder", "ScGPTSize"]
 
@@ -353,13 +353,7 @@ class ScGPTEmbedder:
 
     def gene_columns(self, columns: Sequence[str]) -> np.ndarray:
         """Gene index of each column (gene id or symbol); an unknown column is an error."""
-        index = {g: i for i, g in enumerate(self.genes)}
-        index.update({s: i for i, s in enumerate(self.symbols) if s not in index})
-        unknown = [c for c in columns if c not in index]
-        if unknown:
-            raise ValueError(f"{len(unknown)} column(s) are not genes of this scgpt model's "
-                             f"vocabulary, e.g. {unknown[:5]}")
-        return np.array([index[c] for c in columns], dtype=np.int64)
+        return gene_columns(self.genes, self.symbols, columns, "scgpt")
 
     @torch.no_grad()
     def embed(self, x_CG: np.ndarray, columns: Sequence[str], seed: int = 0) -> np.ndarray:

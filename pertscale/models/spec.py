@@ -58,6 +58,7 @@ __all__ = [
     "PerturbationPredictor",
     "encode_perturbations",
     "export_paired",
+    "gene_columns",
     "get_spec",
     "unrepresented",
 ]
@@ -178,6 +179,19 @@ def export_paired(name: str, cfg: ModelConfig, state_dict: dict[str, torch.Tenso
                             "gene_symbols": list(task["symbols"]), **extra,
                             "training": dict(context.get("training") or {})},
                     vocab=list(task["genes"]))
+
+
+def gene_columns(genes: Sequence[str], symbols: Sequence[str], columns: Sequence[str],
+                 model: str) -> np.ndarray:
+    """Index in `genes` of each column (a gene id, else a symbol); an unknown column is an
+    error naming the `model`."""
+    index = {g: i for i, g in enumerate(genes)}
+    index.update({s: i for i, s in enumerate(symbols) if s not in index})
+    unknown = [c for c in columns if c not in index]
+    if unknown:
+        raise ValueError(f"{len(unknown)} column(s) are not genes of this {model} model's "
+                         f"vocabulary, e.g. {unknown[:5]}")
+    return np.array([index[c] for c in columns], dtype=np.int64)
 
 
 def unrepresented(perturbations: Sequence[Any], index: dict[str, int]) -> list[str]:

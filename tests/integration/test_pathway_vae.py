@@ -20,18 +20,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pertscale.training.trainer import worker_env
-
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": worker_env(use_gpu=False, torch_threads=1)})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def sim(tmp_path_factory) -> dict:
     from pertscale.data.synthetic import SimulatorConfig, write_dataset
 

@@ -20,18 +20,6 @@ N_GENES, N_CELLS = 120, 1200
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pertscale.training.trainer import worker_env
-
-    ray.init(num_cpus=2, include_dashboard=False,
-             runtime_env={"env_vars": worker_env(use_gpu=False, torch_threads=1)})
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def sim_store(tmp_path_factory) -> str:
     from pertscale.data.synthetic import SimulatorConfig, build_ground_truth, simulate_blocks
     from pertscale.store import StoreWriter
