@@ -23,8 +23,11 @@ the stimulated mean lacks it, so its delta carries a cell-type composition shift
 types removes that shift; averaging all drawn cells removes the noise.
 
 Prediction for perturbation k in covariate c: decode z(control cell of c) + delta_k for
-`n_control_cells` control cells of c (drawn by `seed`), average, and subtract c's control mean:
-the predicted mean change. A perturbation never trained (in any covariate) cannot be predicted.
+`n_control_cells` control cells of c (drawn by `seed`), average, and subtract c's observed
+control mean: the predicted mean change (`prediction = "cells"`, scGen's). With
+`prediction = "change"` the same cells decoded without the shift are subtracted instead, so the
+decoder's reconstruction error of the control cells cancels out of the change. A perturbation
+never trained (in any covariate) cannot be predicted.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pertscale.config import ConfigError, check_range
+from pertscale.config import ConfigError, check_choice, check_range
 from pertscale.constants import X_TARGET
 from pertscale.models.output import LossOutput
 from pertscale.models.spec import Exported, ModelConfig, ModelSpec
 
-__all__ = ["SPEC", "ScGen", "ScGenConfig", "ScGenPredictor"]
+__all__ = ["PREDICTIONS", "SPEC", "ScGen", "ScGenConfig", "ScGenPredictor"]
+
+PREDICTIONS = ("cells", "change")
 
 
 @dataclasses.dataclass
@@ -59,6 +64,8 @@ class ScGenConfig(ModelConfig):
     delta_cells: int = 1000    # cells per (perturbation, covariate) and control group for delta
     n_control_cells: int = 500 # control cells per covariate decoded at prediction
     seed: int = 0              # draws of the delta and prediction cells
+    prediction: str = "cells"  # cells: decoded shifted cells - observed control mean (scGen);
+                               # change: decoded shifted cells - the same cells decoded unshifted
 
     def __post_init__(self) -> None:
         self._check_name("scgen")
@@ -67,6 +74,7 @@ class ScGenConfig(ModelConfig):
         check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         check_range("kl_weight", self.kl_weight, 0.0)
         check_range("seed", self.seed, 0)
+        check_choice("prediction", self.prediction, PREDICTIONS)
 
 
 def _block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -219,6 +227,7 @@ class ScGenPredictor:
 
     def __init__(self, exported: Exported) -> None:
         cfg = ScGenConfig.from_dict(exported.config["model_config"], path="model")
+        self.prediction = cfg.prediction
         self.genes = list(exported.vocab)
         self.perturbations = {p: i for i, p in enumerate(exported.config["perturbations"])}
         self.covariates = {c: i for i, c in enumerate(exported.config["covariates"])}
@@ -250,8 +259,11 @@ class ScGenPredictor:
             if cov not in self.covariates:
                 raise ValueError(f"covariate {cov!r} is not one of {sorted(self.covariates)}")
             c = self.covariates[cov]
-            z = self.control_z[c] + self.delta[self.perturbations[p.name]]
-            out[i] = self.model.decoder(z).mean(0).numpy() - self.control_mean[c]
+            z = self.control_z[c]
+            shifted = self.model.decoder(z + self.delta[self.perturbations[p.name]]).mean(0)
+            base = (self.model.decoder(z).mean(0).numpy() if self.prediction == "change"
+                    else self.control_mean[c])
+            out[i] = shifted.numpy() - base
         return out
 
 
