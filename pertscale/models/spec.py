@@ -18,8 +18,10 @@ A spec says, for one model (torchtitan's ModelSpec is the pattern):
                  the PairedTask) must have one (e.g. GEARS' perturbation table and graphs); a
                  cells model may (task data: the open store; e.g. pathway_vae's pathway
                  selection), and then its context is those entries plus "vocab";
-                 a paired module also has predict_delta(pert_genes, pert_signs, covariate)
-                 (covariate: row of the context's `covariates`)
+                 a paired module trained with validation conditions also has
+                 predict_delta(pert_genes, pert_signs, covariate) (covariate: row of the
+                 context's `covariates`); "loader_conditions" in its entries widens the cells
+                 the loader draws beyond the training conditions (scgen: every control)
     fit          fitted models: (config, data, train conditions, features, parallel map) ->
                  a fitted object
     export       trained: (config, state dict, context) / fitted: (config, fitted, context) ->
