@@ -4,7 +4,9 @@ cell type), in distributed, resumable minibatches.
 
 Plan (pure index math on obs; deterministic in (seed, epoch), the same on every rank):
 1. The training cells are the store's cells whose condition (perturbation in covariate, read as
-   `pertscale.data.perturbation` reads it) is one of `conditions`, in store order.
+   `pertscale.data.perturbation` reads it) is one of `conditions`, in store order, less the
+   `holdout` rows (cells a model validates on, e.g. scGen's early-stopping cells: never drawn,
+   as a target or as a control).
 2. Each epoch they are put in a random order seeded by (seed, epoch) and dealt to the ranks in
    equal shares; rank r's batch b is its share's cells [b*B, (b+1)*B) (the remainder that does
    not fill a batch on every rank is left out of that epoch, a different set every epoch).
@@ -55,6 +57,7 @@ from pertscale.data.splits import Split, SplitConfig
 from pertscale.models.spec import encode_perturbations
 
 __all__ = [
+    "LossValidation",
     "PairedDataConfig",
     "PairedInputs",
     "PairedLoader",
@@ -62,6 +65,7 @@ __all__ = [
     "PairedValidation",
     "build_paired_context",
     "control_rows",
+    "holdout_rows",
     "read_dense_rows",
 ]
 
@@ -98,20 +102,41 @@ def read_dense_rows(src: Any, rows: np.ndarray, *, log_normalise: bool,
     return x.toarray()[inverse]
 
 
-def control_rows(codes: np.ndarray, table: Any, covariates: Sequence[str]) -> list[np.ndarray]:
-    """Store rows of the control cells of each covariate (codes and table: `_group_cells`)."""
+def control_rows(codes: np.ndarray, table: Any, covariates: Sequence[str],
+                 holdout: np.ndarray | None = None) -> list[np.ndarray]:
+    """Store rows of the control cells of each covariate (codes and table: `_group_cells`),
+    less the `holdout` rows."""
     out = []
     for cov in covariates:
         ctrl = table.index[(table["covariate"] == cov) & table["is_control"]]
-        out.append(np.flatnonzero(codes == table.index.get_loc(ctrl[0])))
+        rows = np.flatnonzero(codes == table.index.get_loc(ctrl[0]))
+        if holdout is not None and len(holdout):
+            rows = rows[~np.isin(rows, holdout)]
+        if rows.size == 0:
+            raise ValueError(f"covariate {cov!r} has no control cell left after the holdout")
+        out.append(rows)
     return out
+
+
+def holdout_rows(codes: np.ndarray, conditions: Sequence[int], fraction: float,
+                 max_cells: int, seed: int) -> np.ndarray:
+    """Sorted store rows of a seeded held-out sample: `fraction` of the cells of each condition
+    code in `conditions` (rounded down, so a condition keeps at least one cell), the total
+    capped at `max_cells` by scaling every condition's share alike."""
+    groups = [np.flatnonzero(codes == c) for c in conditions]
+    total = sum(int(fraction * g.size) for g in groups)
+    scale = min(1.0, max_cells / total) if total else 1.0
+    rng = np.random.default_rng([seed, 13])
+    picks = [rng.choice(g, int(int(fraction * g.size) * scale), replace=False) for g in groups]
+    return np.sort(np.concatenate(picks or [np.zeros(0, np.int64)])).astype(np.int64)
 
 
 class PairedLoader:
     """Iterable of paired batches for one rank (module doc); `num_batches` per epoch."""
 
     def __init__(self, cfg: PairedDataConfig, conditions: Sequence[str], *, rank: int = 0,
-                 world_size: int = 1, epoch: int = 0, store: Any = None) -> None:
+                 world_size: int = 1, epoch: int = 0, store: Any = None,
+                 holdout: np.ndarray | None = None) -> None:
         from pertscale.store import open_store
 
         if not cfg.store_uri and store is None:
@@ -127,12 +152,14 @@ class PairedLoader:
         # condition code of the store's table -> row of `conditions` (-1: not trained on)
         remap = np.array([position.get(c, -1) for c in table.index], dtype=np.int64)
         cell_condition = np.where(codes >= 0, remap[np.maximum(codes, 0)], -1)
+        if holdout is not None and len(holdout):
+            cell_condition[np.asarray(holdout, dtype=np.int64)] = -1
         self._train_rows = np.flatnonzero(cell_condition >= 0).astype(np.int64)
         self._train_condition = cell_condition[self._train_rows]
         # controls of each covariate, and the covariate of each training condition
         covariates = sorted(set(table["covariate"]))
         cov_pos = {c: i for i, c in enumerate(covariates)}
-        self._controls = control_rows(codes, table, covariates)
+        self._controls = control_rows(codes, table, covariates, holdout)
         self._cond_cov = np.array([cov_pos[table.at[c, "covariate"]] for c in self.conditions],
                                   dtype=np.int64)
         self.covariates = covariates
@@ -326,7 +353,9 @@ class PairedInputs:
 class PairedValidation:
     """Validation of a paired model at an epoch's end: the mean squared error and Pearson
     correlation of the predicted mean change on each validation condition's top DE genes
-    (GEARS picks its best epoch by the first)."""
+    (GEARS picks its best epoch by the first, `score`)."""
+
+    score = "val_mse_de"
 
     def __init__(self, context: dict[str, Any]) -> None:
         val = context["val"]
@@ -350,3 +379,31 @@ class PairedValidation:
                    for a, b in zip(p, t)]
         return {"val_mse_de": float(((p - t) ** 2).mean()),
                 "val_pearson_delta_de": float(np.mean(pearson))}
+
+
+class LossValidation:
+    """Validation of a paired model by its own loss on held-out cells of its training conditions
+    (context "holdout_x", dense as X_TARGET; scGen's early stopping on the validation loss).
+    The module runs in eval mode (a VAE encodes to its latent mean: no sampling noise in the
+    score), in fixed batches; every rank scores the same cells."""
+
+    score = "val_loss"
+
+    def __init__(self, context: dict[str, Any], make_inputs: Any, batch_size: int = 1024) -> None:
+        self.x = np.asarray(context["holdout_x"], dtype=np.float32)
+        self.make_inputs, self.batch_size = make_inputs, batch_size
+
+    def __call__(self, module: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        was_training = module.training
+        module.eval()
+        total = 0.0
+        try:
+            with torch.no_grad():
+                for i in range(0, len(self.x), self.batch_size):
+                    x = self.x[i:i + self.batch_size]
+                    inputs = self.make_inputs({X_TARGET: x})
+                    out = module({k: v.to(device) for k, v in inputs.items()})
+                    total += float(out.loss) * len(x)
+        finally:
+            module.train(was_training)
+        return {"val_loss": total / max(len(self.x), 1)}

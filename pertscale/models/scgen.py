@@ -10,7 +10,11 @@ Dropout), hidden 800, latent 100, dropout 0.2; q(z|x) = N(mu, exp(v) + 1e-4); de
 0.5 x kl_weight x KL, kl_weight 5e-5.
 
 Training sees every cell of the training conditions and the control cells of every covariate,
-the held-out one included (as scGen trains on all cells but the held-out stimulated ones).
+the held-out one included (as scGen trains on all cells but the held-out stimulated ones), less
+`val_fraction` of each of them (seeded), on which the loss is scored after every epoch: the best
+epoch is kept, and with the job's `patience` training stops early (scGen stops on the validation
+ELBO of a random 10% of its cells; ours is stratified by condition and scored at the latent
+mean, so the score carries no sampling noise).
 
 Delta (computed at export from the final weights, on latent means):
     delta_k = mean over covariates t of [mean z(k, t) - mean z(control, t)]
@@ -63,14 +67,19 @@ class ScGenConfig(ModelConfig):
     kl_weight: float = 5e-5    # weight of the KL term (scGen: 5e-5)
     delta_cells: int = 1000    # cells per (perturbation, covariate) and control group for delta
     n_control_cells: int = 500 # control cells per covariate decoded at prediction
-    seed: int = 0              # draws of the delta and prediction cells
+    seed: int = 0              # draws of the delta, prediction and validation cells
+    val_fraction: float = 0.1  # cells of each training condition held out for the validation
+                               # loss (early stopping with the job's `patience`; scGen: 0.1)
+    val_max_cells: int = 10000 # at most this many validation cells (bounded memory)
     prediction: str = "cells"  # cells: decoded shifted cells - observed control mean (scGen);
                                # change: decoded shifted cells - the same cells decoded unshifted
 
     def __post_init__(self) -> None:
         self._check_name("scgen")
-        for name in ("hidden", "n_layers", "latent_dim", "delta_cells", "n_control_cells"):
+        for name in ("hidden", "n_layers", "latent_dim", "delta_cells", "n_control_cells",
+                     "val_max_cells"):
             check_range(name, getattr(self, name), 1)
+        check_range("val_fraction", self.val_fraction, 0.0, 0.5)
         check_range("dropout", self.dropout, 0.0, 1.0, hi_open=True)
         check_range("kl_weight", self.kl_weight, 0.0)
         check_range("seed", self.seed, 0)
@@ -144,7 +153,7 @@ def _inputs(job: Any, context: dict[str, Any]):
 def _prepare(job: Any, task: Any) -> dict[str, Any]:
     """On the driver: the loader's conditions (training conditions and every control), the
     perturbations scGen can predict, and the seeded cell samples for delta and prediction."""
-    from pertscale.data.paired import control_rows, read_dense_rows
+    from pertscale.data.paired import control_rows, holdout_rows, read_dense_rows
 
     if job.data.split.kind != "heldout_covariate":
         raise ConfigError(f"scgen predicts a perturbation seen in other covariates: use "
@@ -172,14 +181,22 @@ def _prepare(job: Any, task: Any) -> dict[str, Any]:
     norm = {"log_normalise": bool(task.src.raw_counts),
             "target_sum": task.config.perturbation.target_sum}
     sizes = [len(r) for r in rows]
+    loader_conditions = [*split.train, *table.index[table["is_control"]]]
+    holdout = {}
+    if cfg.val_fraction > 0:
+        val_rows = holdout_rows(codes, [table.index.get_loc(c) for c in loader_conditions],
+                                cfg.val_fraction, cfg.val_max_cells, cfg.seed)
+        holdout = {"holdout_rows": val_rows,
+                   "holdout_x": read_dense_rows(task.src, val_rows, **norm)}
     return {"pert_genes": task.perturbed_genes, "scgen_perturbations": perturbations,
-            "loader_conditions": [*split.train, *table.index[table["is_control"]]],
+            "loader_conditions": loader_conditions, **holdout,
             "delta_x": read_dense_rows(task.src, np.concatenate(rows), **norm),
             "delta_groups": np.array(groups, dtype=np.int64),
             "delta_sizes": np.array(sizes, dtype=np.int64),
             "control_x": read_dense_rows(task.src, np.concatenate(ctrl_rows), **norm),
             "control_sizes": np.array([len(r) for r in ctrl_rows], dtype=np.int64),
             "report": {"perturbations": len(perturbations), "delta_groups": len(groups),
+                       "val_cells": len(holdout.get("holdout_rows", ())),
                        "delta_cells": int(sum(sizes)),
                        "control_cells": int(sum(len(r) for r in ctrl_rows))}}
 

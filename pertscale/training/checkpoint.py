@@ -72,7 +72,19 @@ class Progress:
     best_score: float | None = None
     """Validated tasks: the best validation score so far (lower is better) ..."""
     best_step: int = -1
-    """... and the optimizer step it was reached at (its weights: BEST_FILE, rank 0)."""
+    """... and the optimizer step it was reached at (its weights: BEST_FILE, rank 0) ..."""
+    stale_epochs: int = 0
+    """... and the epochs since, in a row, that did not improve on it (early stopping)."""
+
+    def record_score(self, score: float) -> bool:
+        """An epoch's validation score at the current step: True when it is the best so far
+        (strictly lower); counts the epochs in a row that were not."""
+        improved = self.best_score is None or score < self.best_score
+        if improved:
+            self.best_score, self.best_step, self.stale_epochs = score, self.step, 0
+        else:
+            self.stale_epochs += 1
+        return improved
 
     def consume(self, cell_index: np.ndarray, num_tokens: int) -> None:
         h = hashlib.sha256(self.cells_digest.encode())

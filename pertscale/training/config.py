@@ -91,6 +91,9 @@ class FinetuneJobConfig(Config):
     where genes match ("" = random)."""
     epochs: int = 20
     """Passes over the training perturbed cells (trainer.max_steps is set from it)."""
+    patience: int = 0
+    """Stop early after this many epochs in a row without a better validation score (0 = run
+    every epoch; models validated on conditions or on held-out cells only)."""
     data: PairedDataConfig = dataclasses.field(default_factory=PairedDataConfig)
     """The store, its perturbations, the split and the paired batches."""
     priors: PriorsConfig = dataclasses.field(default_factory=PriorsConfig)
@@ -113,6 +116,8 @@ class FinetuneJobConfig(Config):
                               f"(its task is {spec.task!r})")
         if self.epochs < 1:
             raise ConfigError(f"epochs={self.epochs} must be >= 1")
+        if self.patience < 0:
+            raise ConfigError(f"patience={self.patience} must be >= 0 (0 = off)")
         if self.init_from and not self.init_from.startswith("models:/"):
             raise ConfigError(f"init_from={self.init_from!r} must be a registry URI "
                               f"models:/NAME@ALIAS or models:/NAME/VERSION")

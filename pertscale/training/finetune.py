@@ -44,7 +44,8 @@ class FinetuneResult:
     summary: Any
     mlflow_run_id: str | None
     training: dict[str, Any]
-    """The export's training facts: final_step, best_step, best_val_mse_de."""
+    """The export's training facts: final_step, and for validated models best_step,
+    best_<score> (best_val_mse_de, best_val_loss), epochs_run and stopped_early."""
     init: dict[str, str]
     """Lineage of the gene-embedding initialisation (empty without init_from)."""
 
@@ -73,10 +74,11 @@ def _init_from(job: FinetuneJobConfig, data: Any) -> tuple[dict[str, Any], dict[
              "init_from_version": f"models:/{parent.name}/{parent.version}", **report})
 
 
-def _plan(job: FinetuneJobConfig, task: Any, conditions: list[str]) -> FinetuneJobConfig:
-    """trainer.max_steps from epochs over the cells of the loader's `conditions`, and the step
-    schedule's period of one epoch."""
-    n_train = int(task.data.conditions.loc[list(conditions), "n_cells"].sum())
+def _plan(job: FinetuneJobConfig, task: Any, conditions: list[str],
+          n_holdout: int = 0) -> FinetuneJobConfig:
+    """trainer.max_steps from epochs over the cells of the loader's `conditions` (less the
+    `n_holdout` held-out ones), and the step schedule's period of one epoch."""
+    n_train = int(task.data.conditions.loc[list(conditions), "n_cells"].sum()) - n_holdout
     world, bs = job.trainer.num_workers, job.data.batch_size
     steps_per_epoch = n_train // world // bs // job.engine.grad_accum_steps
     if steps_per_epoch < 1:
@@ -120,7 +122,12 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
     prepared = extra.pop("report", {})
     init, init_tags = _init_from(job, data)
     context = build_paired_context(task, extra.pop("pert_genes"), {**extra, **init})
-    job = _plan(job, task, context.get("loader_conditions") or split.train)
+    job = _plan(job, task, context.get("loader_conditions") or split.train,
+                len(context.get("holdout_rows", ())))
+    if job.patience and not (split.val or context.get("holdout_x") is not None):
+        raise ConfigError(f"patience={job.patience}: a {spec.name} model on split "
+                          f"{split.name} has no validation conditions or held-out cells to "
+                          f"stop on")
     lineage = {"store_fingerprint": data.source["fingerprint"], "store_uri": data.source["uri"],
                "split": split.name, **init_tags}
     launched = launch_training(job, kind="finetune", context=context, address=address,

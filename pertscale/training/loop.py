@@ -12,10 +12,13 @@ scgpt's tokenizer) and the module (`build`) inside the DeepSpeed engine; restore
 checkpoint when Ray hands one over, trains to `trainer.max_steps` optimizer steps and writes
 the final weights as the spec exports them.
 
-Validated tasks (paired, with validation conditions): at the end of every epoch the module
-predicts the validation conditions' mean change (`PairedValidation`); the best epoch by top-DE
-MSE (GEARS' rule) is kept (its weights in rank 0's checkpoint, its score in every rank's
-progress) and is what the final export holds.
+Validated tasks (paired, with validation conditions or held-out cells): at the end of every
+epoch the module is scored, by the validation conditions' predicted mean change
+(`PairedValidation`, top-DE MSE: GEARS' rule) or by its own loss on held-out cells of the
+training conditions (`LossValidation`, scGen's); the best epoch is kept (its weights in rank 0's
+checkpoint, its score in every rank's progress) and is what the final export holds. With the
+job's `patience` > 0, training ends early once that many epochs in a row did not improve on it
+(every rank decides alike: the score is averaged over ranks).
 
 Logging: the model's `LossOutput.metrics` are per-batch averages (logged as their window mean),
 its `counts` per-batch totals (logged as window sums over all ranks); the loop never special-
@@ -113,7 +116,8 @@ def _average_buffers(module: torch.nn.Module, world: int) -> None:
 
 
 def _task(job: Any, spec: Any, config: dict[str, Any], rank: int, world: int):
-    """(loader, context for build / make_inputs, validation or None) of this rank's task."""
+    """(loader, context for build / make_inputs, validation or None) of this rank's task.
+    The validation is built by `validation(make_inputs)`, once the inputs exist."""
     if spec.task == "cells":
         from pertscale.data.loader import build_loader
 
@@ -121,13 +125,18 @@ def _task(job: Any, spec: Any, config: dict[str, Any], rank: int, world: int):
         tokens = loader.store.vocab.tokens
         prepared = config.get("context")  # the spec's prepare, run once on the driver
         return loader, tokens if prepared is None else {**prepared, "vocab": tokens}, None
-    from pertscale.data.paired import PairedLoader, PairedValidation
+    from pertscale.data.paired import LossValidation, PairedLoader, PairedValidation
 
     context = config["context"]
     # NOTE: a model may draw from more conditions than it is scored on (scgen: every control)
     conditions = context.get("loader_conditions") or context["train"]["conditions"]
-    loader = PairedLoader(job.data, conditions, rank=rank, world_size=world)
-    return loader, context, PairedValidation(context) if context.get("val") else None
+    loader = PairedLoader(job.data, conditions, rank=rank, world_size=world,
+                          holdout=context.get("holdout_rows"))
+    if context.get("val"):
+        return loader, context, lambda make_inputs: PairedValidation(context)
+    if context.get("holdout_x") is not None:
+        return loader, context, lambda make_inputs: LossValidation(context, make_inputs)
+    return loader, context, None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -161,6 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          f"batch of data.batch_size={job.data.batch_size} on each of {world} "
                          f"workers")
     make_inputs = spec.make_inputs(job, context)
+    validate = validate(make_inputs) if validate is not None else None
     ds_config = build_ds_config(eng, micro_batch_size=job.data.batch_size, world_size=world,
                                 total_steps=tr.max_steps, use_gpu=tr.use_gpu)
     torch.manual_seed(tr.seed)  # identical initial weights on every rank
@@ -232,8 +242,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     training = {"final_step": progress.step}
                     if best_weights is not None:
                         weights = best_weights
-                        training.update(best_step=progress.best_step,
-                                        best_val_mse_de=progress.best_score)
+                        training.update({"best_step": progress.best_step,
+                                         f"best_{validate.score}": progress.best_score})
+                    if validate is not None:  # paired: the final step ends an epoch
+                        training.update(epochs_run=loader.epoch + 1, stopped_early=stopped)
                     save_model_dir(out / MODEL_DIR, spec.export(
                         job.model, weights,
                         {"job": job.to_dict(), "vocab": loader.store.vocab.tokens
@@ -251,8 +263,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"checkpoint_{progress.step:08d}"
                              + ("_final" if final else ""))
 
-    def end_of_epoch() -> None:
-        """Validate (every rank: under ZeRO-3 the forward is collective) and keep the best."""
+    def end_of_epoch() -> bool:
+        """Validate (every rank: under ZeRO-3 the forward is collective) and keep the best;
+        True when training should stop early (`patience` epochs without improvement)."""
         nonlocal best_weights, epoch_t0
         train_s = time.perf_counter() - epoch_t0  # the epoch's batches, before validation
         _average_buffers(engine.module, world)
@@ -261,18 +274,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # the score is averaged over ranks (identical models give identical scores anyway).
         scores = dict(zip(scores, (v / world for v in _all_reduce_sum(list(scores.values()),
                                                                       device))))
-        improved = progress.best_score is None or scores["val_mse_de"] < progress.best_score
-        if improved:
-            progress.best_score, progress.best_step = scores["val_mse_de"], progress.step
+        if progress.record_score(scores[validate.score]):
             weights = full_state_dict(engine)  # collective under ZeRO-3
             if rank == 0:
                 best_weights = weights
+        stop = 0 < job.patience <= progress.stale_epochs
         if logger is not None:
-            logger.log_metrics({**scores, "best_val_mse_de": progress.best_score,
+            logger.log_metrics({**scores, f"best_{validate.score}": progress.best_score,
                                 "epoch": float(loader.epoch), "epoch_train_s": train_s,
                                 "worker_peak_rss_mb": peak_rss_mb()},
                                step=progress.step)
+            if stop:
+                logger.set_tags({"stopped_early_after_epochs": str(loader.epoch + 1)})
         epoch_t0 = time.perf_counter()
+        return stop
 
     def fresh_window() -> dict[str, float]:
         return {"loss": 0.0, "micro": 0, "cells": 0, "tokens": 0, "t0": time.perf_counter()}
@@ -280,7 +295,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     window, metric_sums, count_sums = fresh_window(), {}, {}
     epoch_t0 = time.perf_counter()
     engine.train()
-    while progress.step < tr.max_steps:
+    stopped = False
+    while progress.step < tr.max_steps and not stopped:
         for batch in loader:
             if fail_here and progress.step == tr.fail_at_step and \
                     ray.get(board.claim_failure.remote()):
@@ -303,8 +319,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 for name, value in terms.items():  # the model's own terms, e.g. mlm_mse
                     sums[name] = sums.get(name, 0.0) + value.detach().double()
             if progress.micro_step % eng.grad_accum_steps != 0:
-                if epoch_done:
-                    end_of_epoch()
+                if epoch_done and end_of_epoch():
+                    stopped = True
+                    break
                 continue  # inside an accumulation window: DeepSpeed stepped no optimizer
             progress.step += 1
             if progress.step % tr.log_every == 0 or progress.step == tr.max_steps:
@@ -328,8 +345,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if rank == 0 and board is not None:
                     board.post.remote(progress.step, metrics)
                 window, metric_sums, count_sums = fresh_window(), {}, {}
-            if epoch_done:
-                end_of_epoch()
+            if epoch_done and end_of_epoch():
+                stopped = True
+                break
             if progress.step >= tr.max_steps:
                 break
             if progress.step % tr.checkpoint_every == 0:

@@ -32,3 +32,17 @@ def test_gene_init_keeps_an_equal_width_table_and_refuses_a_narrower_one():
     np.testing.assert_allclose(init, [[0, 0, 1], [1, 0, 0]])
     with pytest.raises(ValueError, match="fewer than model.hidden=4"):
         gene_init(["A", "B", "C"], table, ["A"], ["g1"], hidden=4)
+
+
+def test_progress_keeps_the_best_score_and_counts_epochs_without_improvement():
+    from pertscale.training.checkpoint import Progress
+
+    progress = Progress()
+    for step, score in ((10, 3.0), (20, 2.0), (30, 2.0), (40, 2.5)):
+        progress.step = step
+        progress.record_score(score)
+    # a tie is not an improvement: the earlier epoch stays the best
+    assert (progress.best_score, progress.best_step, progress.stale_epochs) == (2.0, 20, 2)
+    progress.step = 50
+    assert progress.record_score(1.0) and progress.stale_epochs == 0
+    assert progress.best_step == 50

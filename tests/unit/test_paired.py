@@ -23,6 +23,7 @@ from pertscale.data.paired import (
     PairedLoader,
     PairedTask,
     build_paired_context,
+    holdout_rows,
     read_dense_rows,
 )
 from pertscale.data.perturbation import PerturbationConfig, load_perturbation_data
@@ -73,6 +74,26 @@ def test_batches_pair_training_cells_with_controls_of_their_covariate(sim):
     assert loader.num_train_cells == n_train
     assert len(seen) == len(set(seen)) == loader.num_batches * 8
     assert n_train - len(seen) < 8  # only the remainder that fills no batch is left out
+
+
+def test_held_out_cells_are_a_seeded_share_of_each_condition_and_never_drawn(sim):
+    store, split, data = sim["store"], sim["split"], sim["data"]
+    codes, table = PairedTask(store, data, split, sim["cfg"]).cell_conditions()
+    ctrl = table.index[table["is_control"]]
+    conds = [table.index.get_loc(c) for c in [*split.train, *ctrl]]
+    held = holdout_rows(codes, conds, 0.1, 10_000, seed=0)
+    for c in conds:  # a tenth of each condition, rounded down
+        assert np.isin(held, np.flatnonzero(codes == c)).sum() == int(0.1 * (codes == c).sum())
+    np.testing.assert_array_equal(held, holdout_rows(codes, conds, 0.1, 10_000, seed=0))
+    assert not np.array_equal(held, holdout_rows(codes, conds, 0.1, 10_000, seed=1))
+    capped = holdout_rows(codes, conds, 0.1, 20, seed=0)
+    assert 0 < capped.size <= 20
+
+    loader = PairedLoader(sim["cfg"], split.train, holdout=held)
+    n_train = int(data.conditions.loc[split.train, "n_cells"].sum())
+    assert loader.num_train_cells == n_train - np.isin(codes[held], conds[:len(split.train)]).sum()
+    drawn = np.concatenate([np.r_[b[CELL_INDEX], b[CONTROL_INDEX]] for b in loader])
+    assert not np.isin(drawn, held).any()  # neither as a target nor as a control
 
 
 def test_read_dense_rows_matches_log_normalised_csr(sim):
