@@ -26,6 +26,14 @@ unseeded draw; it also averages the controls over every type, the held-out one i
 the stimulated mean lacks it, so its delta carries a cell-type composition shift. Matching the
 types removes that shift; averaging all drawn cells removes the noise.
 
+Encoder: scGen's MLP (`encoder = "mlp"`), or the encoder of a registered pathway_vae
+(`encoder = "pathway_vae"` with `init_from = "models:/pertscale-pathway_vae@..."`): its gene
+tokens, transformer, GO pathway cross-attention and latent head, with its weights, its pathway
+selection and its latent size; the decoder stays scGen's. A cell's log1p values over the genes
+the pathway_vae knows (matched by id, else symbol; the count is reported) are packed into its
+tokens; a cell with more nonzeros than its `max_seq_len` - 1 keeps its highest values (the
+pretraining draws them uniformly; a deterministic choice keeps the latent of a cell fixed).
+
 Prediction for perturbation k in covariate c: decode z(control cell of c) + delta_k for
 `n_control_cells` control cells of c (drawn by `seed`), average, and subtract c's observed
 control mean: the predicted mean change (`prediction = "cells"`, scGen's). With
@@ -46,13 +54,22 @@ import torch
 from torch import nn
 
 from pertscale.config import ConfigError, check_choice, check_range
-from pertscale.constants import X_TARGET
+from pertscale.constants import (
+    CLS_ID,
+    CU_SEQLENS,
+    EXPRESSION,
+    GENE_IDS,
+    MAX_SEQLEN,
+    SPECIAL_TOKENS,
+    X_TARGET,
+)
 from pertscale.models.output import LossOutput
 from pertscale.models.spec import Exported, ModelConfig, ModelSpec
 
-__all__ = ["PREDICTIONS", "SPEC", "ScGen", "ScGenConfig", "ScGenPredictor"]
+__all__ = ["ENCODERS", "PREDICTIONS", "SPEC", "ScGen", "ScGenConfig", "ScGenPredictor"]
 
 PREDICTIONS = ("cells", "change")
+ENCODERS = ("mlp", "pathway_vae")
 
 
 @dataclasses.dataclass
@@ -73,6 +90,8 @@ class ScGenConfig(ModelConfig):
     val_max_cells: int = 10000 # at most this many validation cells (bounded memory)
     prediction: str = "cells"  # cells: decoded shifted cells - observed control mean (scGen);
                                # change: decoded shifted cells - the same cells decoded unshifted
+    encoder: str = "mlp"       # mlp (scGen's) | pathway_vae (a registered one's: init_from;
+                               # latent_dim is then its latent size)
 
     def __post_init__(self) -> None:
         self._check_name("scgen")
@@ -84,6 +103,7 @@ class ScGenConfig(ModelConfig):
         check_range("kl_weight", self.kl_weight, 0.0)
         check_range("seed", self.seed, 0)
         check_choice("prediction", self.prediction, PREDICTIONS)
+        check_choice("encoder", self.encoder, ENCODERS)
 
 
 def _block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
@@ -92,9 +112,53 @@ def _block(n_in: int, n_out: int, dropout: float) -> nn.Sequential:
                          nn.LeakyReLU(), nn.Dropout(dropout))
 
 
-class ScGen(nn.Module):
-    """forward(paired batch) -> LossOutput(loss, metrics {recon_sse, kl}): the VAE on the
-    batch's X_TARGET cells (training conditions and controls alike)."""
+class PathwayEncoder(nn.Module):
+    """A pathway_vae's encoder on dense cells: x [B, G] (log1p, the task's genes) -> packed
+    tokens over the pathway_vae's vocabulary -> (mean, variance) of its latent."""
+
+    def __init__(self, parent: dict[str, Any], columns: np.ndarray):
+        super().__init__()
+        from pertscale.models.pathway_vae import PathwayVAEConfig, build_pathway_vae
+
+        pcfg = PathwayVAEConfig.from_dict(parent["config"]["model_config"], path="model")
+        vae = build_pathway_vae(pcfg, {"vocab": parent["vocab"],
+                                       "gene_symbols": parent["config"]["gene_symbols"],
+                                       "pathways": parent["config"]["pathways"],
+                                       "likelihood": parent["config"]["likelihood"]})
+        self.encoder = vae.encoder
+        self.latent_dim = pcfg.latent_dim
+        self.limit = pcfg.max_seq_len - 1
+        known = np.flatnonzero(columns >= 0)
+        # NOTE: constants of the task (which task genes the pathway_vae knows), not weights
+        self.register_buffer("task_cols", torch.as_tensor(known), persistent=False)
+        self.register_buffer("token_ids", torch.as_tensor(columns[known] + len(SPECIAL_TOKENS)),
+                             persistent=False)
+
+    def pack(self, x_BG: torch.Tensor) -> dict[str, Any]:
+        """The expression batch of the pathway_vae for dense cells (module docstring)."""
+        x = x_BG.index_select(1, self.task_cols)
+        k = min(self.limit, x.shape[1])
+        vals, idx = torch.topk(torch.where(x != 0, x, torch.full_like(x, -torch.inf)), k, dim=1)
+        B = x.shape[0]
+        valid = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=x.device),
+                           vals > -torch.inf], 1)
+        ids = torch.cat([torch.full((B, 1), CLS_ID, device=x.device),
+                         self.token_ids[idx]], 1)
+        values = torch.cat([torch.ones(B, 1, dtype=x.dtype, device=x.device),
+                            torch.where(valid[:, 1:], vals, 0.0)], 1)
+        lengths = valid.sum(1)
+        cu = torch.zeros(B + 1, dtype=torch.int32, device=x.device)
+        cu[1:] = torch.cumsum(lengths, 0)
+        return {GENE_IDS: ids[valid], EXPRESSION: values[valid], CU_SEQLENS: cu,
+                MAX_SEQLEN: int(lengths.max()) if B else 1}
+
+    def forward(self, x_BG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, mu, logvar = self.encoder(self.pack(x_BG))
+        return mu, torch.exp(logvar) + 1e-4
+
+
+class MLPEncoder(nn.Module):
+    """scGen's encoder: x [B, G] -> (mean, variance) of q(z | x)."""
 
     def __init__(self, cfg: ScGenConfig, n_genes: int):
         super().__init__()
@@ -103,19 +167,43 @@ class ScGen(nn.Module):
                                        for a, b in itertools.pairwise(widths)))
         self.mean = nn.Linear(cfg.hidden, cfg.latent_dim)
         self.var = nn.Linear(cfg.hidden, cfg.latent_dim)
-        widths = [cfg.latent_dim] + [cfg.hidden] * cfg.n_layers
+        self.latent_dim = cfg.latent_dim
+
+    def forward(self, x_BG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x_BG)
+        return self.mean(h), torch.exp(self.var(h)) + 1e-4
+
+
+class ScGen(nn.Module):
+    """forward(paired batch) -> LossOutput(loss, metrics {recon_sse, kl}): the VAE on the
+    batch's X_TARGET cells (training conditions and controls alike). `parent` (the
+    pathway_vae's kind, config and vocabulary) and `columns` (its gene index of each task gene,
+    -1 = unknown to it) are needed with `encoder = "pathway_vae"`."""
+
+    def __init__(self, cfg: ScGenConfig, n_genes: int, parent: dict[str, Any] | None = None,
+                 columns: np.ndarray | None = None):
+        super().__init__()
+        if cfg.encoder == "pathway_vae":
+            self.q = PathwayEncoder(parent, columns)
+        else:
+            self.q = MLPEncoder(cfg, n_genes)
+        latent = self.q.latent_dim
+        widths = [latent] + [cfg.hidden] * cfg.n_layers
         self.decoder = nn.Sequential(*(_block(a, b, cfg.dropout)
                                        for a, b in itertools.pairwise(widths)),
                                      nn.Linear(cfg.hidden, n_genes))
         self.kl_weight = cfg.kl_weight
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decoder[-1].weight.dtype
+
     def encode(self, x_BG: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, variance) of q(z | x)."""
-        h = self.encoder(x_BG)
-        return self.mean(h), torch.exp(self.var(h)) + 1e-4
+        return self.q(x_BG)
 
     def forward(self, batch: dict) -> LossOutput:
-        x = batch[X_TARGET].to(self.mean.weight.dtype)
+        x = batch[X_TARGET].to(self.dtype)
         mu, var = self.encode(x)
         z = mu + var.sqrt() * torch.randn_like(mu) if self.training else mu
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -134,13 +222,52 @@ class ScGen(nn.Module):
         try:
             return torch.cat([self.encode(x_NG[i:i + batch_size])[0]
                               for i in range(0, len(x_NG), batch_size)] or
-                             [x_NG.new_zeros(0, self.mean.out_features)])
+                             [x_NG.new_zeros(0, self.q.latent_dim)])
         finally:
             self.train(was)
 
 
+def parent_columns(context: dict[str, Any], parent: dict[str, Any]) -> np.ndarray:
+    """The pathway_vae's gene index of each task gene (id, else symbol; -1 = unknown)."""
+    genes = list(parent["vocab"])[len(SPECIAL_TOKENS):]
+    symbols = parent["config"].get("gene_symbols") or genes
+    index = {g: i for i, g in enumerate(genes)}
+    index.update({s: i for i, s in enumerate(symbols) if s not in index})
+    return np.array([index.get(g, index.get(s, -1))
+                     for g, s in zip(context["genes"], context["symbols"])], dtype=np.int64)
+
+
+def _parent(cfg: ScGenConfig, context: dict[str, Any]) -> dict[str, Any] | None:
+    """The pathway_vae this scgen's encoder comes from (None for the MLP encoder)."""
+    if cfg.encoder != "pathway_vae":
+        return None
+    parent = context.get("init_parent")
+    if parent is None or parent["kind"] != "pathway_vae":
+        raise ConfigError("model.encoder='pathway_vae' takes a registered pathway_vae's encoder: "
+                          "set init_from = \"models:/pertscale-pathway_vae@ALIAS\"")
+    return parent
+
+
 def build_scgen(cfg: ScGenConfig, context: dict[str, Any]) -> ScGen:
-    return ScGen(cfg, len(context["genes"]))
+    parent = _parent(cfg, context)
+    columns = parent_columns(context, parent) if parent is not None else None
+    return ScGen(cfg, len(context["genes"]), parent, columns)
+
+
+def _init_from(cfg: ScGenConfig, parent: ModelSpec, exported: Exported, data: Any):
+    """The encoder weights of a registered pathway_vae (`encoder = "pathway_vae"`)."""
+    if cfg.encoder != "pathway_vae" or parent.name != "pathway_vae":
+        raise ValueError(f"scgen takes a pathway_vae's encoder (model.encoder='pathway_vae'); "
+                         f"this is a {parent.name} model and model.encoder={cfg.encoder!r}")
+    values = {f"q.{k}": v for k, v in exported.tensors.items() if k.startswith("encoder.")}
+    columns = parent_columns({"genes": data.genes, "symbols": data.symbols},
+                             {"vocab": exported.vocab, "config": exported.config})
+    known = int((columns >= 0).sum())
+    if known == 0:
+        raise ValueError(f"none of the store's {len(data.genes)} genes is a gene of the "
+                         f"pathway_vae's vocabulary of {len(exported.vocab)} tokens")
+    return values, None, {"init_encoder": "pathway_vae",
+                          "init_genes_matched": f"{known}/{len(data.genes)}"}
 
 
 def _inputs(job: Any, context: dict[str, Any]):
@@ -205,7 +332,7 @@ def compute_delta(module: ScGen, x_NG: np.ndarray, groups: np.ndarray, sizes: np
                   n_perturbations: int) -> np.ndarray:
     """[K, Z] latent deltas from the sampled groups (module docstring): `groups` rows are
     (perturbation, covariate, 1 = perturbed / 0 = control), `sizes` the cells of each."""
-    z = module.latent(torch.as_tensor(x_NG, dtype=module.mean.weight.dtype)).double().numpy()
+    z = module.latent(torch.as_tensor(x_NG, dtype=module.dtype)).double().numpy()
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     means = np.stack([z[a:b].mean(0) for a, b in itertools.pairwise(bounds)])
     delta = np.zeros((n_perturbations, z.shape[1]))
@@ -221,8 +348,9 @@ def export_scgen(cfg: ScGenConfig, state_dict: dict[str, torch.Tensor],
     """Weights plus, computed here from them, the latent deltas and the prediction cells'
     latents per covariate, and each covariate's control mean."""
     task = context["context"]
-    module = ScGen(cfg, len(task["genes"]))
+    module = build_scgen(cfg, task)
     module.load_state_dict(state_dict)
+    parent = _parent(cfg, task)
     delta = compute_delta(module, task["delta_x"], task["delta_groups"], task["delta_sizes"],
                           len(task["scgen_perturbations"]))
     control_z = module.latent(torch.as_tensor(task["control_x"]))
@@ -235,6 +363,7 @@ def export_scgen(cfg: ScGenConfig, state_dict: dict[str, torch.Tensor],
                             "gene_symbols": list(task["symbols"]),
                             "perturbations": list(task["scgen_perturbations"]),
                             "covariates": list(task["covariates"]),
+                            "encoder_parent": parent,
                             "training": dict(context.get("training") or {})},
                     vocab=list(task["genes"]))
 
@@ -253,7 +382,11 @@ class ScGenPredictor:
         sizes = t.pop("scgen.control_sizes").numpy()
         self.control_z = torch.split(t.pop("scgen.control_z").double(), sizes.tolist())
         self.control_mean = t.pop("scgen.control_mean").double().numpy()
-        self.model = ScGen(cfg, len(self.genes)).double()
+        parent = exported.config.get("encoder_parent")
+        symbols = exported.config["gene_symbols"]
+        columns = (parent_columns({"genes": self.genes, "symbols": symbols}, parent)
+                   if parent is not None else None)
+        self.model = ScGen(cfg, len(self.genes), parent, columns).double()
         self.model.load_state_dict(t)
         self.model.eval()
 
@@ -296,4 +429,5 @@ SPEC = ModelSpec(
     prepare=_prepare,
     export=export_scgen,
     load=ScGenPredictor,
+    init_from=_init_from,
 )

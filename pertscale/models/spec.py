@@ -32,7 +32,9 @@ A spec says, for one model (torchtitan's ModelSpec is the pattern):
     init_from    optional, paired models: (config, parent spec, parent `Exported`, data) ->
                  (values, rows, report): initial parameter values taken from a registered
                  model (full shapes; `rows` = bool per row where only some rows are taken) and
-                 what was taken (lineage tags); the worker writes them after building
+                 what was taken (lineage tags); the worker writes them after building (the
+                 context's "init_parent" holds the parent's kind, config and vocabulary, for
+                 a model whose structure follows its parent's: scgen's pathway_vae encoder)
 
 The worker loop, `fit`, `evaluate`, `pull`, `predict` and the registry read only specs. Adding a
 model is one module exporting `SPEC`, one config file and one line in the table.

@@ -69,7 +69,11 @@ def _init_from(job: FinetuneJobConfig, data: Any) -> tuple[dict[str, Any], dict[
     except ValueError as e:
         raise ValueError(f"init_from={job.init_from}: {e}") from None
     log.info("init_from %s: %s", job.init_from, ", ".join(f"{k} {v}" for k, v in report.items()))
-    return ({"init_state": values, "init_rows": rows},
+    # NOTE: the parent's kind, config and vocabulary too: a model whose structure follows its
+    # parent's (scgen's pathway_vae encoder) builds it from them on every rank
+    parent_facts = {"kind": parent.kind, "config": parent.exported.config,
+                    "vocab": list(parent.exported.vocab)}
+    return ({"init_state": values, "init_rows": rows, "init_parent": parent_facts},
             {"init_from": job.init_from,
              "init_from_version": f"models:/{parent.name}/{parent.version}", **report})
 

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def sim_store(tmp_path_factory) -> str:
+def sim(tmp_path_factory) -> dict:
     from pertscale.data.synthetic import SimulatorConfig, write_dataset
 
     out = tmp_path_factory.mktemp("sim")
@@ -35,8 +35,13 @@ def sim_store(tmp_path_factory) -> str:
     cfg = SimulatorConfig(n_genes=300, n_cells=6000, n_cell_types=3, n_batches=1,
                           n_single_perturbations=12, n_double_perturbations=0,
                           cell_type_shift_sd=1.5, seed=4)
-    write_dataset(cfg, None, store_uri=str(out / "store"))
-    return str(out / "store")
+    write_dataset(cfg, out / "files", store_uri=str(out / "store"))
+    return {"store": str(out / "store"), "files": out / "files"}
+
+
+@pytest.fixture(scope="module")
+def sim_store(sim) -> str:
+    return sim["store"]
 
 
 def test_scgen_moves_perturbations_to_a_held_out_type(sim_store, storage_dir):
@@ -76,3 +81,42 @@ def test_scgen_moves_perturbations_to_a_held_out_type(sim_store, storage_dir):
     assert pulled.config["covariates"] == ["cell_type_1", "cell_type_2", "cell_type_3"]
     delta = pulled.state_dict["scgen.delta"]
     assert delta.shape == (12, 100) and np.isfinite(delta.numpy()).all()
+
+
+def test_scgen_on_a_pretrained_pathway_vae_encoder(sim, storage_dir):
+    """`model.encoder = "pathway_vae"`: scGen's VAE with a registered pathway_vae's encoder
+    (its weights, pathways and latent size), fine-tuned, registered with it, and learning."""
+    import ray
+
+    from pertscale.tracking import pull_model
+    from pertscale.training.commands import run_pretrain
+    from pertscale.training.finetune import run_finetune
+
+    files = sim["files"]
+    pretrain = load_config(REPO_ROOT / "configs" / "pathway_vae_debug.toml",
+                           [f"--data.store_uri={sim['store']}", "--trainer.max_steps=150",
+                            f"--model.pathways.gmt={files / 'gene_sets.gmt'}",
+                            f"--model.pathways.dag_edges={files / 'go_dag_edges.tsv'}",
+                            "--trainer.run_name=pv-for-scgen"], job="pretrain")
+    job = load_config(REPO_ROOT / "configs" / "scgen.toml",
+                      [f"--data.store_uri={sim['store']}", "--epochs=6", "--patience=0",
+                       "--model.encoder=pathway_vae",
+                       "--init_from=models:/pertscale-pathway_vae/1",
+                       "--model.prediction=change", "--trainer.run_name=scgen-pv"],
+                      job="finetune")
+    try:
+        parent = run_pretrain(pretrain, show_progress=False)
+        result = run_finetune(job, show_progress=False)
+    finally:
+        ray.shutdown()
+    assert parent.model_uri == "models:/pertscale-pathway_vae/1"
+    assert result.init["init_from"] == parent.model_uri
+    assert result.init["init_genes_matched"] == "300/300"
+    pulled = pull_model(result.model_uri)
+    assert pulled.config["encoder_parent"]["config"]["pathways"] == \
+        pull_model(parent.model_uri).config["pathways"]
+    assert pulled.state_dict["scgen.delta"].shape == (12, 16)  # the pathway_vae's latent
+    summary = result.summary.set_index("model")
+    print(result.table)
+    r2 = summary["r2_pearson_mean_de"]
+    assert r2["scgen"] > r2["no_change"] and r2["scgen"] > r2["train_mean"]
