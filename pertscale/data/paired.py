@@ -382,12 +382,13 @@ class PairedValidation:
 
 
 class LossValidation:
-    """Validation of a paired model by its own loss on held-out cells of its training conditions
-    (context "holdout_x", dense as X_TARGET; scGen's early stopping on the validation loss).
-    The module runs in eval mode (a VAE encodes to its latent mean: no sampling noise in the
-    score), in fixed batches; every rank scores the same cells."""
+    """Validation of a paired model by its negative ELBO on held-out cells of its training
+    conditions (context "holdout_x", dense as X_TARGET): the model's `elbo` metric, per cell
+    (scGen's early stopping on scvi-tools' elbo_validation). The module runs in eval mode (a VAE
+    encodes to its latent mean: no sampling noise in the score), in fixed batches; every rank
+    scores the same cells."""
 
-    score = "val_loss"
+    score = "val_elbo"
 
     def __init__(self, context: dict[str, Any], make_inputs: Any, batch_size: int = 1024) -> None:
         self.x = np.asarray(context["holdout_x"], dtype=np.float32)
@@ -403,7 +404,10 @@ class LossValidation:
                     x = self.x[i:i + self.batch_size]
                     inputs = self.make_inputs({X_TARGET: x})
                     out = module({k: v.to(device) for k, v in inputs.items()})
-                    total += float(out.loss) * len(x)
+                    if "elbo" not in out.metrics:
+                        raise ValueError(f"{type(module).__name__} reports no 'elbo' metric to "
+                                         f"validate held-out cells on")
+                    total += float(out.metrics["elbo"]) * len(x)
         finally:
             module.train(was_training)
-        return {"val_loss": total / max(len(self.x), 1)}
+        return {"val_elbo": total / max(len(self.x), 1)}

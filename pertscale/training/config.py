@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from pertscale.config import Config, ConfigError
+from pertscale.config import Config, ConfigError, check_choice
 from pertscale.data.loader import LoaderConfig
 from pertscale.data.paired import PairedDataConfig
 from pertscale.data.priors import PriorsConfig
@@ -94,6 +94,9 @@ class FinetuneJobConfig(Config):
     patience: int = 0
     """Stop early after this many epochs in a row without a better validation score (0 = run
     every epoch; models validated on conditions or on held-out cells only)."""
+    export_weights: str = "best"
+    """Validated models: export the best epoch's weights ("best", GEARS) or the last epoch's
+    ("last": scGen, which stops on its validation ELBO but keeps training to the stop)."""
     data: PairedDataConfig = dataclasses.field(default_factory=PairedDataConfig)
     """The store, its perturbations, the split and the paired batches."""
     priors: PriorsConfig = dataclasses.field(default_factory=PriorsConfig)
@@ -118,6 +121,7 @@ class FinetuneJobConfig(Config):
             raise ConfigError(f"epochs={self.epochs} must be >= 1")
         if self.patience < 0:
             raise ConfigError(f"patience={self.patience} must be >= 0 (0 = off)")
+        check_choice("export_weights", self.export_weights, ("best", "last"))
         if self.init_from and not self.init_from.startswith("models:/"):
             raise ConfigError(f"init_from={self.init_from!r} must be a registry URI "
                               f"models:/NAME@ALIAS or models:/NAME/VERSION")

@@ -45,7 +45,7 @@ class FinetuneResult:
     mlflow_run_id: str | None
     training: dict[str, Any]
     """The export's training facts: final_step, and for validated models best_step,
-    best_<score> (best_val_mse_de, best_val_loss), epochs_run and stopped_early."""
+    best_<score> (best_val_mse_de, best_val_elbo), epochs_run and stopped_early."""
     init: dict[str, str]
     """Lineage of the gene-embedding initialisation (empty without init_from)."""
 

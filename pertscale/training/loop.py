@@ -16,8 +16,9 @@ Validated tasks (paired, with validation conditions or held-out cells): at the e
 epoch the module is scored, by the validation conditions' predicted mean change
 (`PairedValidation`, top-DE MSE: GEARS' rule) or by its own loss on held-out cells of the
 training conditions (`LossValidation`, scGen's); the best epoch is kept (its weights in rank 0's
-checkpoint, its score in every rank's progress) and is what the final export holds. With the
-job's `patience` > 0, training ends early once that many epochs in a row did not improve on it
+checkpoint, its score in every rank's progress) and is what the final export holds, unless the
+job's `export_weights = "last"` (scGen's way: the score decides when to stop, the last epoch is
+exported). With the job's `patience` > 0, training ends early once that many epochs in a row did not improve on it
 (every rank decides alike: the score is averaged over ranks).
 
 Logging: the model's `LossOutput.metrics` are per-batch averages (logged as their window mean),
@@ -240,10 +241,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     symbols = (var["gene_symbol"].astype(str).tolist()
                                if "gene_symbol" in var.columns else None)
                     training = {"final_step": progress.step}
-                    if best_weights is not None:
-                        weights = best_weights
+                    if validate is not None:
                         training.update({"best_step": progress.best_step,
-                                         f"best_{validate.score}": progress.best_score})
+                                         f"best_{validate.score}": progress.best_score,
+                                         "exported": job.export_weights})
+                    if best_weights is not None and job.export_weights == "best":
+                        weights = best_weights
                     if validate is not None:  # paired: the final step ends an epoch
                         training.update(epochs_run=loader.epoch + 1, stopped_early=stopped)
                     save_model_dir(out / MODEL_DIR, spec.export(
@@ -274,7 +277,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # the score is averaged over ranks (identical models give identical scores anyway).
         scores = dict(zip(scores, (v / world for v in _all_reduce_sum(list(scores.values()),
                                                                       device))))
-        if progress.record_score(scores[validate.score]):
+        if progress.record_score(scores[validate.score]) and job.export_weights == "best":
             weights = full_state_dict(engine)  # collective under ZeRO-3
             if rank == 0:
                 best_weights = weights
