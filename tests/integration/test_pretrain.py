@@ -13,7 +13,7 @@ import torch
 
 from pertscale.config import load_config
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = pytest.mark.integration
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 N_GENES, N_CELLS = 120, 1200
