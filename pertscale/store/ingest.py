@@ -120,7 +120,8 @@ def _open_matrix(f: h5py.File, path: Path, counts_from: str) -> tuple[Any, pd.Da
     if isinstance(encoding, bytes):
         encoding = encoding.decode()
     if encoding in ("csr_matrix", "csc_matrix"):
-        matrix = anndata.io.sparse_dataset(elem)
+        # NOTE: indptr read per block (anndata caches the whole of it by default: 8 B a cell)
+        matrix = anndata.io.sparse_dataset(elem, should_cache_indptr=False)
     elif isinstance(elem, h5py.Dataset) and elem.ndim == 2:
         matrix = elem
     else:

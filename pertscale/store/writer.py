@@ -53,7 +53,6 @@ from pertscale.store.format import (
     StoreError,
     array_spec,
     content_fingerprint,
-    decode_strings,
     group_meta,
     kvstore_spec,
     local_path,
@@ -62,11 +61,13 @@ from pertscale.store.format import (
     read_json,
     write_json,
 )
+from pertscale.store.unique import IdHashes
 
 __all__ = ["SEURAT_TARGET_SUM", "StoreWriter", "begin_replacement", "prepare_output", "swap_in"]
 
 SEURAT_TARGET_SUM = 1e4  # normalize_total target of the accumulated "seurat" statistics
 MAX_EXACT_COUNT = 2 ** 24  # float32 holds every integer up to here exactly
+ID_SCRATCH = ".pertscale-ids"  # inside the store being written; removed before the commit
 
 
 def staging_path(final: Path) -> Path:
@@ -215,8 +216,8 @@ class StoreWriter:
         self._stats = {name: np.zeros(g, np.float64) for name in
                        ("sum", "sum_sq", "seurat_sum", "seurat_sum_sq")}
         self._stats["nnz"] = np.zeros(g, np.int64)
-        # NOTE: 8 bytes per cell: duplicate cell ids across blocks are found at close
-        self._id_hashes: list[np.ndarray] = []
+        # duplicate cell ids across blocks are found at close (memory bounded: see unique.py)
+        self._id_hashes = IdHashes(self._path / ID_SCRATCH)
         self._closed = False
 
     def _array(self, path: str, dtype: Any, *, table: bool = False,
@@ -254,7 +255,7 @@ class StoreWriter:
             raise ValueError(f"{self._label}obs columns {got} differ from the first "
                              f"block's {self._obs_columns[:-1]}")
         n = csr.shape[0]
-        self._id_hashes.append(pd.util.hash_array(obs.index.astype(str).to_numpy(object)))
+        self._id_hashes.add(pd.util.hash_array(obs.index.astype(str).to_numpy(object)))
         row_sums = np.asarray(csr.sum(axis=1, dtype=np.float64)).reshape(-1)
         self._accumulate(csr, row_sums)
         self._indices.append(csr.indices.astype(np.int32, copy=False))
@@ -382,16 +383,18 @@ class StoreWriter:
     def _check_unique_ids(self) -> None:
         """Cell ids are unique across blocks: equal 64-bit hashes are confirmed on the stored
         ids (read back only then) and real duplicates refused, naming them."""
-        hashes = np.concatenate(self._id_hashes)
-        order = np.argsort(hashes, kind="stable")
-        same = np.flatnonzero(hashes[order][1:] == hashes[order][:-1])
-        if same.size == 0:
+        rows = self._id_hashes.shared_rows()
+        self._id_hashes.close()
+        if rows.size == 0:
             return
-        rows = np.unique(np.concatenate([order[same], order[same + 1]]))
-        read = lambda name, dtype: ts.open(array_spec(
+        arr = lambda name, dtype: ts.open(array_spec(
             self._kv_spec, f"obs/{INDEX_COLUMN}/{name}", dtype, shard_values=1, chunk_values=1,
-            create=False), open=True, read=True).result().read().result()
-        ids = pd.Index(decode_strings(read("offsets", np.int64), read("bytes", np.uint8))[rows])
+            create=False), open=True, read=True).result()
+        offsets, data = arr("offsets", np.int64), arr("bytes", np.uint8)
+        starts = offsets.oindex[rows].read().result()
+        stops = offsets.oindex[rows + 1].read().result()
+        reads = [data[a:b].read() for a, b in zip(starts.tolist(), stops.tolist())]
+        ids = pd.Index([bytes(r.result()).decode("utf-8") for r in reads])
         if ids.has_duplicates:
             _refuse_duplicates(self._label, ids[ids.duplicated(keep=False)])
 
@@ -423,6 +426,8 @@ class StoreWriter:
     def _discard(self) -> None:
         """After a failure: a replacement's staging folder is removed (the old store stays as
         it was); a new store stays incomplete (open_store refuses it, a rerun restarts)."""
+        if hasattr(self, "_id_hashes"):
+            self._id_hashes.close()
         if self._replacing is not None and self._path.exists():
             shutil.rmtree(self._path, ignore_errors=True)
 

@@ -267,7 +267,13 @@ def test_failed_or_interrupted_overwrite_leaves_the_old_store(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
 
 
-def test_duplicate_cell_ids_are_refused_within_and_across_blocks(tmp_path):
+@pytest.mark.parametrize("memory_hashes", [None, 7], ids=["in_memory", "spilled"])
+def test_duplicate_cell_ids_are_refused_within_and_across_blocks(tmp_path, monkeypatch,
+                                                                 memory_hashes):
+    """The same refusals whether the id hashes stay in memory or go to scratch partitions
+    (as past ~1M cells); the scratch folder never outlives the write."""
+    if memory_hashes:
+        monkeypatch.setattr("pertscale.store.unique.DEFAULT_MEMORY_HASHES", memory_hashes)
     X = make_counts(40, 8)
     obs = make_obs(40)
     within = obs.rename(index={"cell3": "cell1"})
@@ -280,6 +286,7 @@ def test_duplicate_cell_ids_are_refused_within_and_across_blocks(tmp_path):
     with pytest.raises(StoreError, match="incomplete"):
         open_store(tmp_path / "b")  # nothing was committed
     assert write(tmp_path / "c", X, obs, block=20).n_cells == 40
+    assert not list(tmp_path.glob("*/.pertscale-ids"))
 
 
 def test_empty_gene_ids_and_a_store_inside_a_store_are_refused(tmp_path):
