@@ -21,6 +21,7 @@ yielded next. Iterating a loader yields the rest of its current epoch, then move
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from collections import deque
 from collections.abc import Iterator
@@ -140,10 +141,49 @@ class _Rows:
                      np.concatenate([p.cell_index for p in pieces]))
 
 
-def _shuffled(blocks: list[sp.csr_matrix], order: np.ndarray, cell_index: np.ndarray) -> _Rows:
+class _BufferPool:
+    """The shuffle copy's output arrays (indices, values), reused once nothing views them.
+
+    A buffer of 8,192 cells x 1,450 nonzeros is ~95 MB: glibc maps every allocation that
+    large afresh and the kernel zero-fills its pages on first touch, so allocating one per
+    shuffle buffer made the copy 2-15x slower (and the loader ~2x) on 2 cores, with the decode
+    threads competing for the same cores. A pooled pair is free when the pool holds its only
+    references: no batch, queued or kept by the consumer, views it (`sys.getrefcount`)."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._pairs: list[tuple[np.ndarray, np.ndarray]] = []
+        # NOTE: what an unviewed pair counts, measured the way `take` counts (the interpreter
+        # decides how many references the call itself adds)
+        idle = [(np.empty(1, np.int32), np.empty(1, np.float32))]
+        self._idle = self._refs(idle[0])
+
+    @staticmethod
+    def _refs(pair: tuple[np.ndarray, np.ndarray]) -> int:
+        return max(sys.getrefcount(pair[0]), sys.getrefcount(pair[1]))
+
+    def take(self, nnz: int) -> tuple[np.ndarray, np.ndarray]:
+        """int32 indices and float32 values arrays of length `nnz` (views of a pooled pair)."""
+        for i, pair in enumerate(self._pairs):
+            if self._refs(pair) <= self._idle:
+                if len(pair[0]) >= nnz:
+                    return pair[0][:nnz], pair[1][:nnz]
+                del self._pairs[i]  # free but too small: replaced by a larger one below
+                break
+        # NOTE: 25% headroom, so that buffers of slightly different sizes reuse one pair
+        capacity = int(nnz * 1.25) + 1
+        pair = (np.empty(capacity, np.int32), np.empty(capacity, np.float32))
+        if len(self._pairs) < self.size:
+            self._pairs.append(pair)
+        return pair[0][:nnz], pair[1][:nnz]
+
+
+def _shuffled(blocks: list[sp.csr_matrix], order: np.ndarray, cell_index: np.ndarray,
+              pool: _BufferPool) -> _Rows:
     """The rows `order` (indices into the blocks laid end to end) gathered into one CSR buffer.
 
-    One copy of the nonzeros, straight from the blocks; batches are then views of the result.
+    One copy of the nonzeros, straight from the blocks, into arrays of `pool`; batches are
+    then views of the result.
     NOTE: a loop of numpy slices + one concatenate per array beats scipy's vstack + fancy
     row indexing (two copies) and a numba row loop on 2 cores (see pertscale bench loader)."""
     sizes = np.array([b.shape[0] for b in blocks])
@@ -163,8 +203,10 @@ def _shuffled(blocks: list[sp.csr_matrix], order: np.ndarray, cell_index: np.nda
         val_parts.append(values[j][a:e])
     if not idx_parts:
         return _Rows(indptr, np.zeros(0, np.int32), np.zeros(0, np.float32), cell_index)
-    return _Rows(indptr, np.concatenate(idx_parts).astype(np.int32, copy=False),
-                 np.concatenate(val_parts).astype(np.float32, copy=False), cell_index)
+    out_indices, out_values = pool.take(int(indptr[-1]))
+    np.concatenate(idx_parts, out=out_indices, casting="same_kind")
+    np.concatenate(val_parts, out=out_values, casting="same_kind")
+    return _Rows(indptr, out_indices, out_values, cell_index)
 
 
 class _Stop(Exception):
@@ -355,6 +397,7 @@ class CellLoader:
                     return
                 inflight.append(self.store.read_csr_async(*r))
 
+        pool = _BufferPool()
         pending: list[_Rows] = []  # pieces of the next batch (a batch may span two buffers)
         pending_rows = 0
         top_up()
@@ -366,7 +409,7 @@ class CellLoader:
                     raise _Stop
                 blocks.append(inflight.popleft().result())
                 top_up()
-            buffer = _shuffled(blocks, plan.order[skip:], plan.cell_index()[skip:])
+            buffer = _shuffled(blocks, plan.order[skip:], plan.cell_index()[skip:], pool)
             skip = 0
             pos = 0
             while pos < buffer.num_rows and remaining > 0:

@@ -95,6 +95,32 @@ def test_batches_hold_the_stored_cells(store_uri, cells, batch_size):
     assert loader.num_dropped == N_CELLS - batch_size * len(batches)
 
 
+def test_pooled_buffers_are_reused_only_when_no_batch_views_them(store_uri, cells):
+    """The shuffle copy writes into pooled arrays: a batch the consumer keeps stays as it
+    was while later buffers reuse the arrays of batches it dropped."""
+    from pertscale.data.loader import _BufferPool
+
+    pool = _BufferPool(size=2)
+    a_idx, _ = pool.take(100)
+    b_idx, _ = pool.take(100)
+    assert not np.shares_memory(a_idx, b_idx)  # a is still viewed by the test
+    del a_idx
+    c_idx, _ = pool.take(120)
+    assert np.shares_memory(c_idx, pool._pairs[0][0]) and len(c_idx) == 120
+    del b_idx
+    assert np.shares_memory(pool.take(300)[0], pool._pairs[-1][0])  # b was too small: replaced
+    assert len(pool._pairs) == 2
+
+    x, _ = cells
+    kept = []
+    for i, batch in enumerate(CellLoader(store_uri, **{**LOADER, "buffer_blocks": 2})):
+        assert (as_csr(batch) != x[batch[CELL_INDEX]]).nnz == 0
+        if i % 5 == 0:
+            kept.append(batch)
+    for batch in kept:
+        assert (as_csr(batch) != x[batch[CELL_INDEX]]).nnz == 0
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_ranks_equal_disjoint_complete(store_uri, world_size):
     loaders = [CellLoader(store_uri, rank=r, world_size=world_size, **LOADER)
