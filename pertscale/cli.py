@@ -8,6 +8,7 @@ so `pertscale --help` stays fast and a command never pays for another's imports.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from pertscale.config import ConfigError
@@ -44,13 +45,18 @@ def run_command(name: str, argv: list[str]) -> int:
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: pertscale <command> [args]", "", "commands:"]
+    lines = ["usage: pertscale [--debug] <command> [args]", "",
+             ("Expected failures (bad input, files, endpoints) end in one line on stderr; "
+              "--debug (or PERTSCALE_DEBUG=1) shows their traceback."), "", "commands:"]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("PERTSCALE_DEBUG", "") not in ("", "0")
+    if argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -60,9 +66,42 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run_command(name, rest)
-    except ConfigError as e:
-        print(f"pertscale {name}: config error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"pertscale {name}: error: {e}", file=sys.stderr)
-        return 1
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"pertscale {name}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # expected failures become one line, bugs re-raise
+        kind = expected_failure(e)
+        if kind is None or debug:
+            raise
+        print(f"pertscale {name}: {kind}: {one_line(e)}", file=sys.stderr)
+        return 2 if kind == "config error" else 1
+
+
+def expected_failure(e: BaseException) -> str | None:
+    """"config error" or "error" for a failure the user can act on (bad config or input, a
+    file, a network endpoint), None for a bug (its traceback is kept)."""
+    e = _cause(e)
+    if isinstance(e, ConfigError):
+        return "config error"
+    if isinstance(e, (ValueError, OSError, TimeoutError)):  # OSError: files, connections
+        return "error"
+    if any(c.__name__ == "MlflowException" for c in type(e).__mro__):  # mlflow not imported here
+        return "error"
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """The failure in one line: an OSError as 'path: reason' (not '[Errno 13] ...'), a Ray task's
+    error as its cause's message, and a multi-line message joined."""
+    e = _cause(e)
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The exception a Ray task raised (RayTaskError wraps it), else `e`."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e

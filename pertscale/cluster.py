@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
+
+log = logging.getLogger(__name__)
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 __all__ = ["start_ray"]
 
@@ -22,4 +27,10 @@ def start_ray(address: str | None, *, num_cpus: int | None, env_vars: dict[str, 
     if address:
         ray.init(address=address, **kwargs)
     else:
+        if "RAY_AUTH_MODE" not in os.environ:
+            # NOTE: Ray enables token authentication for a new local cluster and warns about its
+            # choice in every command; said once here, at info level, instead
+            logging.getLogger(RAY_AUTH_LOGGER).setLevel(logging.ERROR)
+            log.info("embedded Ray cluster: Ray's default token authentication "
+                     "(RAY_AUTH_MODE=disabled opts out)")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)

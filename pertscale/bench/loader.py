@@ -400,6 +400,8 @@ def main(argv: list[str]) -> int:
         raise ValueError(f"--repeats={args.repeats} must be >= 1")
     grid = parse_grid(args.grid)
 
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pertscale-bench-loader-",
                                      dir=args.work_dir) as tmp:
         work = Path(tmp)

@@ -59,15 +59,20 @@ def ingest_main(argv: list[str]) -> int:
         compression_level=args.compression_level, codec=args.codec, order=args.order,
         seed=args.seed, overwrite=args.overwrite)
 
+    shown = []
+
     def progress(name: str, done: int, total: int) -> None:
         if not args.quiet:
             print(f"\r{name}: {done}/{total} cells", end="", file=sys.stderr, flush=True)
+            shown[:] = [True]
 
     t0 = time.perf_counter()
-    attrs = ingest(args.inputs, args.out, cfg, progress=progress)
+    try:
+        attrs = ingest(args.inputs, args.out, cfg, progress=progress)
+    finally:
+        if shown:  # end the progress line, also before an error's line
+            print(file=sys.stderr)
     seconds = time.perf_counter() - t0
-    if not args.quiet:
-        print(file=sys.stderr)
     size = dir_size(args.out)
     print(f"store {args.out}: {attrs['n_cells']} cells x {attrs['n_genes']} genes, "
           f"nnz {attrs['nnz']}, {'raw counts' if attrs['raw_counts'] else 'normalised'}, "
@@ -90,17 +95,25 @@ def stats_main(argv: list[str]) -> int:
     if args.n_top_genes is not None and args.n_top_genes < 1:
         raise ValueError(f"--n-top-genes={args.n_top_genes} must be >= 1")
     store = open_store(args.store)
+    if args.n_top_genes is not None and args.n_top_genes > store.n_genes:
+        raise ValueError(f"--n-top-genes={args.n_top_genes} is more than the {store.n_genes} "
+                         f"genes of store {args.store}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)  # before the work: a bad --out fails first
     kwargs = {} if args.n_top_genes is None else {"n_top_genes": args.n_top_genes}
     hvg = highly_variable_genes(store, args.flavor, **kwargs)
     sf = size_factors(store, args.target_sum)
+    empty = int((sf == 0).sum())
+    if empty:
+        print(f"warning: {empty} of {len(sf)} cells have no counts: their size factor is 0 "
+              "(filter them before normalising)", file=sys.stderr)
     hv = hvg.index[hvg["highly_variable"]]
     print(f"store {args.store}: {store.n_cells} cells x {store.n_genes} genes")
     print(f"size factors: min {sf.min():.4g}  median {sf.median():.4g}  max {sf.max():.4g}")
     print(f"highly variable genes ({args.flavor}): {len(hv)}")
     print(" ".join(map(str, hv[:50])) + (" ..." if len(hv) > 50 else ""))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         hvg.to_csv(out / "hvg.csv", index_label="gene_id")
         sf.to_csv(out / "size_factors.csv", index_label="cell_id")
         print(f"wrote {out / 'hvg.csv'} and {out / 'size_factors.csv'}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import shutil
 from pathlib import Path
 from types import TracebackType
@@ -67,6 +68,7 @@ __all__ = ["SEURAT_TARGET_SUM", "StoreWriter", "begin_replacement", "prepare_out
 
 SEURAT_TARGET_SUM = 1e4  # normalize_total target of the accumulated "seurat" statistics
 MAX_EXACT_COUNT = 2 ** 24  # float32 holds every integer up to here exactly
+log = logging.getLogger(__name__)
 ID_SCRATCH = ".pertscale-ids"  # inside the store being written; removed before the commit
 
 
@@ -210,6 +212,7 @@ class StoreWriter:
         self._indptr.append(np.zeros(1, np.int64))
         self.n_cells = 0
         self.nnz = 0
+        self.empty_cells = 0  # cells without a nonzero value (kept; said at close)
         self._obs_columns: list[str] | None = None
         self._obs: dict[str, ColumnSink] = {}
         g = self.n_genes
@@ -257,6 +260,7 @@ class StoreWriter:
         n = csr.shape[0]
         self._id_hashes.add(pd.util.hash_array(obs.index.astype(str).to_numpy(object)))
         row_sums = np.asarray(csr.sum(axis=1, dtype=np.float64)).reshape(-1)
+        self.empty_cells += int(np.count_nonzero(np.diff(csr.indptr) == 0))
         self._accumulate(csr, row_sums)
         self._indices.append(csr.indices.astype(np.int32, copy=False))
         self._data.append(csr.data.astype(np.float32, copy=False))
@@ -348,6 +352,10 @@ class StoreWriter:
         for name, sink in self._obs.items():
             obs_enc[name], manifest[sink.path] = sink.close()
         self._check_unique_ids()
+        if self.empty_cells:
+            log.warning("%s%d of %d cells have no nonzero value (kept; their size factor is 0: "
+                        "filter them, e.g. scanpy's filter_cells(min_counts=1), before "
+                        "normalising)", self._label, self.empty_cells, self.n_cells)
         var_enc = self._write_var(manifest)
         for name, values in self._stats.items():
             arr = self._array(f"{STATS_DIR}/{name}", values.dtype, table=True)

@@ -233,6 +233,13 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     return m["name"], m["alias"], m["version"]
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (None for any other URI)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):])
+
+
 def _client(tracking: TrackingConfig | None):
     from mlflow import MlflowClient
 
@@ -245,7 +252,13 @@ def resolve_version(uri: str, *, tracking: TrackingConfig | None = None):
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_model_uri(uri)
-    client, tracking_uri = _client(tracking)
+    tracking_uri = resolve_tracking_uri(tracking or TrackingConfig())
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        # NOTE: MLflow's client would create an empty database there (a typo looks empty)
+        raise RegistryError(f"{uri}: the tracking database {db} does not exist (tracking URI "
+                            f"{tracking_uri}); check --tracking-uri / MLFLOW_TRACKING_URI")
+    client, _ = _client(tracking)
     try:
         if alias == "latest":
             versions = client.search_model_versions(f"name = '{name}'")

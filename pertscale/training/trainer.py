@@ -27,6 +27,7 @@ __all__ = [
     "ProgressBoard",
     "TrainerConfig",
     "build_trainer",
+    "check_resources",
     "fit_with_progress",
     "init_ray",
     "new_run_name",
@@ -100,6 +101,31 @@ def init_ray(cfg: TrainerConfig, address: str | None = None) -> None:
     already open in this process (tests, notebooks) is reused as is."""
     start_ray(address, num_cpus=cfg.ray_num_cpus or os.cpu_count(),
               env_vars=worker_env(cfg.use_gpu, cfg.torch_threads))
+    check_resources(cfg, address)
+
+
+def check_resources(cfg: TrainerConfig, address: str | None = None) -> None:
+    """Refuse a run the connected cluster cannot place: Ray Train would wait for the workers'
+    resources forever (e.g. trainer.use_gpu=true on a machine without GPUs)."""
+    import ray
+
+    per_worker = {"CPU": float(cfg.cpus_per_worker)}
+    if cfg.use_gpu:
+        per_worker["GPU"] = 1.0
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    # NOTE: a worker's resources must fit on one node; the workers together on the cluster
+    fits = sum(int(min(node.get(k, 0.0) // v for k, v in per_worker.items())) for node in nodes)
+    if fits >= cfg.num_workers:
+        return
+    total = {k: sum(node.get(k, 0.0) for node in nodes) for k in per_worker}
+    where = f"the Ray cluster at {address}" if address else "the local Ray cluster"
+    asked = " + ".join(f"{v:g} {k}" for k, v in per_worker.items())
+    has = ", ".join(f"{v:g} {k}" for k, v in total.items())
+    fix = "set trainer.use_gpu=false or " if cfg.use_gpu and not total.get("GPU") else ""
+    raise ConfigError(
+        f"trainer: {cfg.num_workers} workers of {asked} each cannot be placed on {where} "
+        f"({len(nodes)} node(s), {has} in all; {fits} worker(s) fit); {fix}lower "
+        f"trainer.num_workers / trainer.cpus_per_worker")
 
 
 def run_storage_path(cfg: TrainerConfig) -> str:

@@ -306,7 +306,8 @@ def test_bench_loader_command_writes_its_table(tmp_path, capsys):
         out = tmp_path / f"loader_{order}.json"
         code = bench_main(["loader", "--n-cells", "3000", "--n-genes", "300", "--nnz-per-cell",
                            "30", "--batch-size", "64", "--grid", "32x8", "--repeats", "1",
-                           "--order", order, "--work-dir", str(tmp_path), "--out", str(out)])
+                           "--order", order, "--work-dir", str(tmp_path / "new" / order),
+                           "--out", str(out)])  # a --work-dir not there yet is made
         assert code == 0
         result = json.loads(out.read_text())
         assert result["order"] == order and result["label"] == "perturbation"
@@ -317,6 +318,7 @@ def test_bench_loader_command_writes_its_table(tmp_path, capsys):
         # a buffer of 8 blocks' worth of cells may hold parts of 9 blocks (after the short one)
         assert 4 <= row["blocks_per_batch"] <= 9
         assert result["ceiling"]["cells"] == 3000
+        assert set(result["ceiling"]["patterns"]) == {"256x16", "1024x16", "4096x8"}
         assert "pertscale 32x8" in capsys.readouterr().out
     # the simulated source is sorted by 100 labels of 30 cells: random batches of 64 hold ~48
     shuffled, source = rows["shuffled"], rows["source"]

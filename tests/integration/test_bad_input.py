@@ -1,0 +1,127 @@
+"""Bad input and faults, one row each: the command ends within its limit with the expected exit
+code and one line on stderr that names the problem (no traceback), and files written before it
+stay as they were."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+LIMIT_S = 120
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small raw-count .h5ad, its store, and a plain file to aim outputs below."""
+    from pertscale.bench.ingest import write_simulated_h5ad
+    from pertscale.store.ingest import IngestConfig, ingest
+
+    root = tmp_path_factory.mktemp("bad")
+    h5ad = root / "cells.h5ad"
+    write_simulated_h5ad(h5ad, 3000, 200, nnz_per_cell=20.0)
+    ingest([h5ad], root / "store", IngestConfig())
+    (root / "plain.txt").write_text("a user's file\n")
+    return root
+
+
+def run(args: list[str], cwd: Path, *, timeout: float = LIMIT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pertscale", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout, check=False,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def digest(root: Path) -> dict[str, str]:
+    """Every file under `root` (the user's and the earlier commands') by content."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, command: str, code: int,
+                    words: list[str]) -> None:
+    err = proc.stderr
+    assert proc.returncode == code, (proc.returncode, err[-2000:])
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"pertscale {command}: "), err[-2000:]
+    for word in words:
+        assert word in last, (word, last)
+
+
+CASES = [
+    # id, argv (WORLD = the fixture folder), exit code, words of the line
+    ("stats-too-many-top-genes", ["stats", "WORLD/store", "--n-top-genes", "5000"], 1,
+     ["--n-top-genes=5000", "200 genes"]),
+    ("stats-out-below-a-file", ["stats", "WORLD/store", "--out", "WORLD/plain.txt/out"], 1,
+     ["WORLD/plain.txt/out", "Not a directory"]),
+    ("ingest-out-below-a-file", ["ingest", "WORLD/cells.h5ad", "--out", "WORLD/plain.txt/s"], 1,
+     ["WORLD/plain.txt/s", "Not a directory"]),
+    ("pull-missing-sqlite-db", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
+                                "sqlite:///WORLD/nothere/mlflow.db"], 1,
+     ["WORLD/nothere/mlflow.db does not exist", "--tracking-uri"]),
+    ("pull-unreachable-server", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
+                                 "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9"]),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_changes_nothing(world, case):
+    _, argv, code, words = case
+    argv = [a.replace("WORLD", str(world)) for a in argv]
+    before = digest(world)
+    proc = run(argv, world)
+    assert_one_line(proc, argv[0], code, [w.replace("WORLD", str(world)) for w in words])
+    assert digest(world) == before
+    assert not (world / "nothere").exists()  # no tracking database made for a typo
+
+
+def test_a_gpu_run_on_a_machine_without_gpus_is_refused_not_waited_for(world):
+    """Ray would wait for GPUs forever; the run is refused once the cluster is up, and Ray's
+    token-authentication notice is not printed."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    t0 = time.monotonic()
+    proc = run(["pretrain", "--config", "configs/scgpt_debug.toml",
+                f"--data.store_uri={world / 'store'}", "--trainer.use_gpu=true",
+                "--tracking.enabled=false"], Path(__file__).resolve().parents[2], timeout=90)
+    assert_one_line(proc, "pretrain", 2, ["cannot be placed", "0 GPU",
+                                          "trainer.use_gpu=false"])
+    assert "Token authentication" not in proc.stderr
+    assert time.monotonic() - t0 < 90
+
+
+def test_ctrl_c_during_an_overwrite_ends_in_one_line_and_keeps_the_old_store(world, tmp_path):
+    from pertscale.bench.ingest import write_simulated_h5ad
+    from pertscale.store import open_store
+    from pertscale.store.verify import verify_store
+    from pertscale.store.writer import staging_path
+
+    big = tmp_path / "big.h5ad"
+    write_simulated_h5ad(big, 600_000, 2000, nnz_per_cell=50.0)
+    store = world / "store"
+    fingerprint = open_store(store).fingerprint
+    proc = subprocess.Popen([sys.executable, "-m", "pertscale", "ingest", str(big), "--out",
+                             str(store), "--overwrite"], stderr=subprocess.PIPE, text=True)
+    staging = staging_path(store)
+    deadline = time.monotonic() + 60
+    while not staging.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # start-up, then the new store is being written beside the old
+    time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=LIMIT_S)[1]
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "pertscale ingest: interrupted"
+    assert open_store(store).fingerprint == fingerprint and verify_store(store).ok
+    assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []
