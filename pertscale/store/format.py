@@ -125,13 +125,59 @@ def kvstore_spec(uri: str) -> dict[str, Any]:
                      "use a local path, s3://bucket/prefix or gs://bucket/prefix")
 
 
+TIMEOUT_ENV = "PERTSCALE_STORE_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 60.0
+
+
+def store_timeout() -> float:
+    """Seconds an object-store call may take (PERTSCALE_STORE_TIMEOUT_S, default 60)."""
+    raw = os.environ.get(TIMEOUT_ENV, "")
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0):
+        raise StoreError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds > 0")
+    return value
+
+
+def remote_endpoint(spec: dict[str, Any]) -> str | None:
+    """Where a kvstore spec's calls go, in words (None for local files: no time limit)."""
+    driver = spec.get("driver")
+    if driver in ("file", "memory", None):
+        return None
+    where = f"{driver}://{spec.get('bucket', '')}/{spec.get('path', '')}"
+    if driver == "s3":
+        return f"{where} at {spec.get('endpoint', 'AWS S3')}"
+    return where
+
+
+def wait(future: Any, endpoint: str | None) -> Any:
+    """`future.result()`; for an object store (`endpoint` not None), within store_timeout()."""
+    if endpoint is None:
+        return future.result()
+    limit = store_timeout()
+    try:
+        return future.result(timeout=limit)
+    except TimeoutError:
+        raise StoreError(f"{endpoint}: no answer within {limit:g} s (unreachable endpoint or "
+                         f"credentials? {TIMEOUT_ENV} sets the limit)") from None
+
+
+def _kv_endpoint(kv: ts.KvStore) -> str | None:
+    return remote_endpoint(kv.spec().to_json())
+
+
 def open_kvstore(uri: str) -> ts.KvStore:
-    return ts.KvStore.open(kvstore_spec(uri)).result()
+    spec = kvstore_spec(uri)
+    return wait(ts.KvStore.open(spec), remote_endpoint(spec))
 
 
 def read_json(kv: ts.KvStore, key: str) -> dict[str, Any] | None:
     """The JSON document at `key`, or None when the key does not exist."""
-    res = kv.read(key).result()
+    res = wait(kv.read(key), _kv_endpoint(kv))
     if res.state != "value":
         return None
     return json.loads(bytes(res.value).decode("utf-8"))
@@ -155,7 +201,8 @@ def content_fingerprint(attrs: dict[str, Any]) -> str:
 
 def metadata_keys(kv: ts.KvStore) -> list[str]:
     """Every zarr.json document below the store root (groups and arrays), sorted."""
-    keys = [k.decode() if isinstance(k, bytes) else str(k) for k in kv.list().result()]
+    keys = [k.decode() if isinstance(k, bytes) else str(k)
+            for k in wait(kv.list(), _kv_endpoint(kv))]
     return sorted(k for k in keys if k.endswith("zarr.json") and k != "zarr.json")
 
 

@@ -35,6 +35,8 @@ from pertscale.store.format import (
     metadata_keys,
     open_kvstore,
     read_json,
+    remote_endpoint,
+    wait,
 )
 from pertscale.store.vocab import GeneVocab
 
@@ -92,6 +94,7 @@ class CsrFuture:
     def __init__(self, store: CellStore, start: int, stop: int):
         self._n_genes, self._n = store.n_genes, stop - start
         self._where = f"store {store.uri}: reading cells [{start}, {stop})"
+        self._endpoint = store._endpoint
         self._issued: concurrent.futures.Future = concurrent.futures.Future()
 
         def issue(ptr_future: Any) -> None:
@@ -116,11 +119,13 @@ class CsrFuture:
 
     def result(self) -> sp.csr_matrix:
         try:
-            indptr, reads = self._issued.result()
+            indptr, reads = wait(self._issued, self._endpoint)
             if reads is None:
                 indices, data = np.zeros(0, np.int32), np.zeros(0, np.float32)
             else:
-                indices, data = reads[0].result(), reads[1].result()
+                indices, data = wait(reads[0], self._endpoint), wait(reads[1], self._endpoint)
+        except StoreError:
+            raise
         except ValueError as e:  # a failed checksum, a missing or unreadable shard
             raise StoreError(f"{self._where}: {e} (run `pertscale verify` on the store)") from e
         return sp.csr_matrix((data, indices, indptr), shape=(self._n, self._n_genes), copy=False)
@@ -138,6 +143,7 @@ class CellStore:
         self.nnz = int(attrs["nnz"])
         self.raw_counts = bool(attrs["raw_counts"])
         self._kv_spec = kvstore_spec(uri)
+        self._endpoint = remote_endpoint(self._kv_spec)  # None: local, no time limit
         self._context = context if context is not None else ts.Context(
             {"cache_pool": {"total_bytes_limit": cache_bytes}})
         self._indices = self._open(X_INDICES)
@@ -156,8 +162,8 @@ class CellStore:
         obs/var/stats document changes it (shard contents are checked by crc32c on every read
         and by `verify`)."""
         kv = open_kvstore(self.uri)
-        current = {key: hashlib.sha256(bytes(kv.read(key).result().value)).hexdigest()
-                   for key in metadata_keys(kv)}
+        current = {key: hashlib.sha256(bytes(wait(kv.read(key), self._endpoint).value))
+                   .hexdigest() for key in metadata_keys(kv)}
         return content_fingerprint({**self.attrs, "metadata": current})
 
     def __repr__(self) -> str:
@@ -178,7 +184,8 @@ class CellStore:
         spec["recheck_cached_data"] = "open"
         spec["recheck_cached_metadata"] = "open"
         try:
-            return ts.open(spec, open=True, read=True, context=self._context).result()
+            return wait(ts.open(spec, open=True, read=True, context=self._context),
+                        self._endpoint)
         except ValueError as e:
             raise StoreError(f"store {self.uri}: cannot open array {path}: {e}") from e
 
@@ -188,7 +195,9 @@ class CellStore:
 
     def _read(self, view: ts.TensorStore, path: str) -> np.ndarray:
         try:
-            return view.read().result()
+            return wait(view.read(), self._endpoint)
+        except StoreError:
+            raise
         except ValueError as e:
             raise StoreError(f"store {self.uri}: cannot read array {path}: {e}") from e
 

@@ -33,10 +33,11 @@ def world(tmp_path_factory):
     return root
 
 
-def run(args: list[str], cwd: Path, *, timeout: float = LIMIT_S) -> subprocess.CompletedProcess:
+def run(args: list[str], cwd: Path, *, timeout: float = LIMIT_S,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pertscale", *args], cwd=cwd, text=True,
                           capture_output=True, timeout=timeout, check=False,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
 
 def digest(root: Path) -> dict[str, str]:
@@ -56,28 +57,35 @@ def assert_one_line(proc: subprocess.CompletedProcess, command: str, code: int,
         assert word in last, (word, last)
 
 
+UNREACHABLE_S3 = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "x",
+                  "AWS_SECRET_ACCESS_KEY": "y", "PERTSCALE_STORE_TIMEOUT_S": "3"}
 CASES = [
-    # id, argv (WORLD = the fixture folder), exit code, words of the line
+    # id, argv (WORLD = the fixture folder), exit code, words of the line, environment
+    ("info-unreachable-s3-endpoint", ["info", "s3://bucket/store"], 1,
+     ["s3://bucket/store", "http://127.0.0.1:9", "no answer within 3 s",
+      "PERTSCALE_STORE_TIMEOUT_S"], UNREACHABLE_S3),
+    ("store-timeout-not-a-number", ["info", "s3://bucket/store"], 1,
+     ["PERTSCALE_STORE_TIMEOUT_S='soon'"], {"PERTSCALE_STORE_TIMEOUT_S": "soon"}),
     ("stats-too-many-top-genes", ["stats", "WORLD/store", "--n-top-genes", "5000"], 1,
-     ["--n-top-genes=5000", "200 genes"]),
+     ["--n-top-genes=5000", "200 genes"], {}),
     ("stats-out-below-a-file", ["stats", "WORLD/store", "--out", "WORLD/plain.txt/out"], 1,
-     ["WORLD/plain.txt/out", "Not a directory"]),
+     ["WORLD/plain.txt/out", "Not a directory"], {}),
     ("ingest-out-below-a-file", ["ingest", "WORLD/cells.h5ad", "--out", "WORLD/plain.txt/s"], 1,
-     ["WORLD/plain.txt/s", "Not a directory"]),
+     ["WORLD/plain.txt/s", "Not a directory"], {}),
     ("pull-missing-sqlite-db", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
                                 "sqlite:///WORLD/nothere/mlflow.db"], 1,
-     ["WORLD/nothere/mlflow.db does not exist", "--tracking-uri"]),
+     ["WORLD/nothere/mlflow.db does not exist", "--tracking-uri"], {}),
     ("pull-unreachable-server", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
-                                 "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9"]),
+                                 "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9"], {}),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(world, case):
-    _, argv, code, words = case
+    _, argv, code, words, env = case
     argv = [a.replace("WORLD", str(world)) for a in argv]
     before = digest(world)
-    proc = run(argv, world)
+    proc = run(argv, world, timeout=60, env=env)  # limits in the rows are shorter
     assert_one_line(proc, argv[0], code, [w.replace("WORLD", str(world)) for w in words])
     assert digest(world) == before
     assert not (world / "nothere").exists()  # no tracking database made for a typo
@@ -125,3 +133,25 @@ def test_ctrl_c_during_an_overwrite_ends_in_one_line_and_keeps_the_old_store(wor
     assert err.strip().splitlines()[-1] == "pertscale ingest: interrupted"
     assert open_store(store).fingerprint == fingerprint and verify_store(store).ok
     assert sorted(p.name for p in world.iterdir() if p.name.startswith(".")) == []
+
+
+def test_cells_without_counts_are_kept_with_a_warning(tmp_path):
+    """Not a refusal: all-zero cells are real (empty droplets kept by a filter), but ingest and
+    stats say how many there are, since their size factor is 0."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    x = sp.random(40, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    x.data = np.ceil(x.data * 10)
+    x = sp.csr_matrix(x.toarray() * (np.arange(40) % 10 != 3)[:, None])  # 4 empty cells
+    ad.AnnData(x, obs=pd.DataFrame(index=[f"c{i}" for i in range(40)]),
+               var=pd.DataFrame(index=[f"g{i}" for i in range(30)])).write_h5ad(tmp_path / "a.h5ad")
+    proc = run(["ingest", str(tmp_path / "a.h5ad"), "--out", str(tmp_path / "s"), "--quiet"],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 of 40 cells have no nonzero value" in proc.stderr
+    proc = run(["stats", str(tmp_path / "s")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 4 of 40 cells have no counts: their size factor is 0" in proc.stderr

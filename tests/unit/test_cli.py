@@ -40,3 +40,29 @@ def test_console_script_runs_as_a_module():
     out = subprocess.run([sys.executable, "-m", "pertscale", "--help"], capture_output=True, check=False,
                          text=True, timeout=60)
     assert out.returncode == 0 and "usage: pertscale" in out.stdout
+
+
+def test_expected_failures_are_one_line_and_debug_keeps_the_traceback(tmp_path, capsys,
+                                                                      monkeypatch):
+    from pertscale.cli import main, one_line
+
+    missing = str(tmp_path / "nostore")
+    assert main(["stats", missing]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pertscale stats: error: ") and missing in err[0]
+    with pytest.raises(ValueError, match="nostore"):
+        main(["--debug", "stats", missing])
+    monkeypatch.setenv("PERTSCALE_DEBUG", "1")
+    with pytest.raises(ValueError, match="nostore"):
+        main(["stats", missing])
+    # an OSError names its path and reason; a Ray task's error is its cause's message
+    assert one_line(PermissionError(13, "Permission denied", "/x/y")) == \
+        "/x/y: Permission denied"
+
+    class TaskError(ValueError):
+        def __init__(self, cause):
+            super().__init__("remote traceback\n  line 1\n  line 2")
+            self.cause = cause
+
+    assert one_line(TaskError(ValueError("gene 'XYZ' is not in the store"))) == \
+        "gene 'XYZ' is not in the store"
