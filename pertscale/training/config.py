@@ -57,6 +57,11 @@ class PretrainJobConfig(Config):
         if spec.task != "cells":
             raise ConfigError(f"model.name={spec.name!r} trains on the {spec.task!r} task; "
                               f"`pertscale pretrain` trains models on cells")
+        if self.engine.lr_schedule != "step" and self.engine.warmup_steps >= self.trainer.max_steps:
+            raise ConfigError(
+                f"engine.warmup_steps={self.engine.warmup_steps} is not below trainer.max_steps="
+                f"{self.trainer.max_steps}: the learning rate would never reach engine.lr; "
+                "lower engine.warmup_steps")
         if self.engine.lr_schedule == "step" and self.engine.lr_decay_every < 1:
             raise ConfigError("engine.lr_schedule = 'step' needs engine.lr_decay_every >= 1 "
                               "(optimizer steps between decays)")

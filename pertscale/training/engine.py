@@ -80,7 +80,8 @@ class EngineConfig(Config):
     lr_decay_factor: float = 0.5
     """"step" schedule: the factor applied at each decay (GEARS: 0.5)."""
     warmup_steps: int = 100
-    """Optimizer steps of linear warmup from 0 (capped below the run's total steps)."""
+    """Optimizer steps of linear warmup from 0: below trainer.max_steps for pretraining (else an
+    error); a fine-tune's steps follow from its epochs, and there it is capped below them."""
     min_lr_ratio: float = 0.01
     """Learning rate at the end of the decay, as a fraction of `lr`."""
     offload_optimizer: str = "none"
@@ -103,7 +104,8 @@ class EngineConfig(Config):
         check_choice("precision", self.precision, PRECISIONS)
         check_range("grad_accum_steps", self.grad_accum_steps, 1)
         check_range("grad_clip", self.grad_clip, 0.0)
-        check_range("lr", self.lr, 0.0, lo_open=True)
+        # NOTE: above 1 no optimizer here trains (Adam's steps are ~lr per weight)
+        check_range("lr", self.lr, 0.0, 1.0, lo_open=True)
         check_range("weight_decay", self.weight_decay, 0.0)
         if len(self.betas) != 2:
             raise ConfigError(f"betas={list(self.betas)!r} must hold two numbers (beta1, beta2)")

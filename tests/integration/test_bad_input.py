@@ -17,6 +17,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 LIMIT_S = 120
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,13 @@ CASES = [
     ("pull-missing-sqlite-db", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
                                 "sqlite:///WORLD/nothere/mlflow.db"], 1,
      ["WORLD/nothere/mlflow.db does not exist", "--tracking-uri"], {}),
+    ("pretrain-absurd-lr", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
+                            "--data.store_uri=WORLD/store", "--engine.lr=1e6"], 2,
+     ["engine.lr=1000000.0 is outside (0.0, 1.0]"], {}),
+    ("pretrain-warmup-past-the-run", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
+                                      "--data.store_uri=WORLD/store",
+                                      "--engine.warmup_steps=500"], 2,
+     ["engine.warmup_steps=500 is not below trainer.max_steps=200"], {}),
     ("pull-unreachable-server", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
                                  "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9"], {}),
 ]
@@ -83,7 +91,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(world, case):
     _, argv, code, words, env = case
-    argv = [a.replace("WORLD", str(world)) for a in argv]
+    argv = [a.replace("WORLD", str(world)).replace("REPO", str(REPO)) for a in argv]
     before = digest(world)
     proc = run(argv, world, timeout=60, env=env)  # limits in the rows are shorter
     assert_one_line(proc, argv[0], code, [w.replace("WORLD", str(world)) for w in words])
@@ -101,7 +109,7 @@ def test_a_gpu_run_on_a_machine_without_gpus_is_refused_not_waited_for(world):
     t0 = time.monotonic()
     proc = run(["pretrain", "--config", "configs/scgpt_debug.toml",
                 f"--data.store_uri={world / 'store'}", "--trainer.use_gpu=true",
-                "--tracking.enabled=false"], Path(__file__).resolve().parents[2], timeout=90)
+                "--tracking.enabled=false"], REPO, timeout=90)
     assert_one_line(proc, "pretrain", 2, ["cannot be placed", "0 GPU",
                                           "trainer.use_gpu=false"])
     assert "Token authentication" not in proc.stderr

@@ -33,7 +33,7 @@ def sim(tmp_path_factory) -> dict:
 
 def _job(sim: dict, **overrides):
     files = sim["files"]
-    args = [f"--data.store_uri={sim['store']}", "--trainer.max_steps=12",
+    args = [f"--data.store_uri={sim['store']}", "--trainer.max_steps=12", "--engine.warmup_steps=3",
             "--trainer.checkpoint_every=4", "--trainer.log_every=2",
             f"--model.pathways.gmt={files / 'gene_sets.gmt'}",
             f"--model.pathways.dag_edges={files / 'go_dag_edges.tsv'}"]
