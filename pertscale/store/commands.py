@@ -12,7 +12,7 @@ from pertscale.store.format import CODECS, local_path
 from pertscale.store.ingest import ORDERS, VALUE_KINDS, IngestConfig, ingest
 from pertscale.store.reader import open_store, read_store_attrs
 from pertscale.store.stats import FLAVORS, highly_variable_genes, size_factors
-from pertscale.store.verify import verify_store
+from pertscale.store.verify import VERIFY_LEVELS, verify_store
 
 __all__ = ["dir_size", "info_main", "ingest_main", "stats_main", "verify_main"]
 
@@ -124,11 +124,14 @@ def verify_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pertscale verify", description=(
         "Check every shard of a store against the checksums written at commit."))
     p.add_argument("store")
+    p.add_argument("--level", choices=VERIFY_LEVELS, default="full",
+                   help="full: hash every shard; metadata: documents, fingerprint and every "
+                        "shard file present with its size (what a training job checks)")
     args = p.parse_args(argv)
-    report = verify_store(args.store)
+    report = verify_store(args.store, args.level)
     if report.ok:
         print(f"ok: {args.store}: {report.num_shards} shards, "
-              f"{report.num_bytes / 2**20:.1f} MiB verified")
+              f"{report.num_bytes / 2**20:.1f} MiB verified ({args.level})")
         return 0
     for problem in report.problems:
         print(f"pertscale verify: {problem}", file=sys.stderr)

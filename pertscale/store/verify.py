@@ -19,14 +19,19 @@ from pertscale.store.format import (
     StoreError,
     content_fingerprint,
     join_uri,
+    kvstore_spec,
+    local_path,
     metadata_keys,
     open_kvstore,
+    remote_endpoint,
+    wait,
 )
 from pertscale.store.reader import read_store_attrs
 
-__all__ = ["VerifyReport", "verify_store"]
+__all__ = ["VERIFY_LEVELS", "VerifyReport", "verify_store"]
 
 READS_IN_FLIGHT = 16  # shard files read at once
+VERIFY_LEVELS = ("full", "metadata")
 
 
 @dataclasses.dataclass
@@ -74,9 +79,38 @@ def _verify_manifest(uri: str, manifest: dict[str, list[dict[str, Any]]],
         check(*pending.popleft())
 
 
-def verify_store(uri: str) -> VerifyReport:
-    """Check every shard of the store (or of every member of a collection) at `uri`."""
+def _check_shards_present(uri: str, manifest: dict[str, list[dict[str, Any]]],
+                          report: VerifyReport, prefix: str = "") -> None:
+    """The fast check: every shard file exists (one listing) and, on a local disk, has its
+    recorded size; contents are left to the crc32c of every chunk read."""
+    kv = open_kvstore(uri)
+    present = {k.decode() if isinstance(k, bytes) else str(k) for k in wait(kv.list(),
+                                                                          _endpoint(uri))}
+    root = local_path(uri)
+    for array, entries in sorted(manifest.items()):
+        for entry in entries:
+            key = entry["key"]
+            where = f"array {prefix}{array}: shard {prefix}{key}"
+            report.num_shards += 1
+            report.num_bytes += entry["size"]
+            if key not in present:
+                report.problems.append(f"{where} is missing")
+            elif root is not None and (root / key).stat().st_size != entry["size"]:
+                report.problems.append(f"{where} has {(root / key).stat().st_size} bytes, "
+                                       f"expected {entry['size']}")
+
+
+def _endpoint(uri: str) -> str | None:
+    return remote_endpoint(kvstore_spec(uri))
+
+
+def verify_store(uri: str, level: str = "full") -> VerifyReport:
+    """Check the store (or every member of a collection) at `uri`: "full" hashes every shard;
+    "metadata" checks the metadata documents, the fingerprint and that every shard file is
+    there (with its size, on a local disk), without reading the shards."""
     uri = str(uri)
+    if level not in VERIFY_LEVELS:
+        raise ValueError(f"verify level {level!r} is not one of {list(VERIFY_LEVELS)}")
     report = VerifyReport(uri)
     try:
         attrs = read_store_attrs(uri)
@@ -85,7 +119,7 @@ def verify_store(uri: str) -> VerifyReport:
         return report
     if attrs["pertscale_format"] == COLLECTION_NAME:
         for member in attrs["members"]:
-            sub = verify_store(join_uri(uri, member["path"]))
+            sub = verify_store(join_uri(uri, member["path"]), level)
             report.num_shards += sub.num_shards
             report.num_bytes += sub.num_bytes
             report.problems += [f"member {member['path']}: {p}" for p in sub.problems]
@@ -93,7 +127,10 @@ def verify_store(uri: str) -> VerifyReport:
                 report.problems.append(f"member {member['path']} was replaced after the "
                                        "collection was written")
         return report
-    _verify_manifest(uri, attrs["manifest"], report)
+    if level == "full":
+        _verify_manifest(uri, attrs["manifest"], report)
+    else:
+        _check_shards_present(uri, attrs["manifest"], report)
     _verify_metadata(uri, attrs, report)
     return report
 

@@ -89,6 +89,20 @@ def absolute_uri(uri: str) -> str:
     return uri if "://" in uri else str(Path(uri).resolve())
 
 
+def verify_before_training(uri: str, level: str) -> None:
+    """A store that fails its check is not trained on (its reads would fail mid-run, or a
+    changed obs table would give other labels than the fingerprint says)."""
+    from pertscale.store import StoreError
+    from pertscale.store.verify import verify_store
+
+    report = verify_store(uri, level)
+    if not report.ok:
+        more = f" (and {len(report.problems) - 1} more)" if len(report.problems) > 1 else ""
+        raise StoreError(f"store {uri} fails its {level} check: {report.problems[0]}{more}; "
+                         f"run `pertscale verify {uri}` (trainer.verify_store=off skips the "
+                         "check)")
+
+
 def launch_training(job: Any, *, kind: str, tags: dict[str, str], address: str | None,
                     show_progress: bool, context: dict[str, Any] | None = None) -> Launched:
     """Run `train_loop_per_worker` for `job` (a JOB_KINDS[kind] config) on the Ray cluster at
@@ -102,6 +116,8 @@ def launch_training(job: Any, *, kind: str, tags: dict[str, str], address: str |
     tr = job.trainer
     backend = resolve_backend(job.engine, tr.use_gpu)
     run_name = tr.run_name or new_run_name(job.model.name)
+    if tr.verify_store != "off":
+        verify_before_training(job.data.store_uri, tr.verify_store)
     init_ray(tr, address)
 
     logger = None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pertscale.cluster import start_ray
-from pertscale.config import Config, ConfigError, check_range
+from pertscale.config import Config, ConfigError, check_choice, check_range
 from pertscale.paths import storage_root
 
 __all__ = [
@@ -68,6 +68,9 @@ class TrainerConfig(Config):
     """Run folder under storage_path; reuse a name to resume that run; empty = a fresh name."""
     ray_num_cpus: int = 0
     """CPUs of the embedded local Ray cluster (ignored with --address); 0 = all cores."""
+    verify_store: str = "metadata"
+    """Check of the store before training: metadata (documents, fingerprint, every shard file
+    present; seconds), full (every shard hashed, as `pertscale verify`) or off."""
 
     def __post_init__(self) -> None:
         check_range("max_steps", self.max_steps, 1)
@@ -84,6 +87,7 @@ class TrainerConfig(Config):
                              f"max_steps={self.max_steps} (or -1 = off)")
         check_range("log_every", self.log_every, 1)
         check_range("ray_num_cpus", self.ray_num_cpus, 0)
+        check_choice("verify_store", self.verify_store, ("metadata", "full", "off"))
 
 
 def worker_env(use_gpu: bool, torch_threads: int) -> dict[str, str]:

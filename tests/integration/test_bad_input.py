@@ -163,3 +163,25 @@ def test_cells_without_counts_are_kept_with_a_warning(tmp_path):
     proc = run(["stats", str(tmp_path / "s")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "warning: 4 of 40 cells have no counts: their size factor is 0" in proc.stderr
+
+
+def test_a_store_that_fails_its_check_is_not_trained_on(world, tmp_path):
+    """Before any worker starts: the default (metadata) check names a missing shard; with
+    trainer.verify_store=full a changed byte is found too."""
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(world / "store", store)
+    args = ["pretrain", "--config", str(REPO / "configs/scgpt_debug.toml"),
+            f"--data.store_uri={store}", "--tracking.enabled=false"]
+    shard = store / "X/data/c/0"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    shard.write_bytes(bytes(blob))
+    proc = run([*args, "--trainer.verify_store=full"], tmp_path)
+    assert_one_line(proc, "pretrain", 1, ["fails its full check", "X/data/c/0 is corrupt",
+                                          "pertscale verify"])
+    shard.unlink()
+    proc = run(args, tmp_path)
+    assert_one_line(proc, "pretrain", 1, ["fails its metadata check", "X/data/c/0 is missing",
+                                          "trainer.verify_store=off"])

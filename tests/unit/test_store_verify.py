@@ -45,6 +45,32 @@ def test_missing_shard_named(store_path):
     assert verify_store(store_path).problems == ["array X/data: shard X/data/c/2 is missing"]
 
 
+def test_the_metadata_level_finds_missing_and_resized_shards_without_reading_them(store_path):
+    """What a training job checks by default: fast, it names a missing or truncated shard and
+    an edited document; a flipped byte is left to the full check (and to the chunk crc32c)."""
+    clean = verify_store(store_path, "metadata")
+    assert clean.ok and clean.num_shards == verify_store(store_path).num_shards
+    shard = store_path / "X/indices/c/1"
+    blob = bytearray(shard.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    shard.write_bytes(bytes(blob))
+    assert verify_store(store_path, "metadata").ok
+    assert not verify_store(store_path, "full").ok
+    (store_path / "X/data/c/2").unlink()
+    (store_path / "X/data/c/3").write_bytes(b"short")
+    size = open_store_attrs(store_path)["manifest"]["X/data"][3]["size"]
+    assert verify_store(store_path, "metadata").problems == [
+        "array X/data: shard X/data/c/2 is missing",
+        f"array X/data: shard X/data/c/3 has 5 bytes, expected {size}"]
+    with pytest.raises(ValueError, match="verify level 'quick' is not one of"):
+        verify_store(store_path, "quick")
+
+
+def open_store_attrs(path):
+    from pertscale.store.reader import read_store_attrs
+    return read_store_attrs(str(path))
+
+
 def test_corruption_also_caught_by_chunk_crc_on_read(store_path):
     shard = store_path / "X/data/c/0"
     blob = bytearray(shard.read_bytes())
