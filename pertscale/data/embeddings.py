@@ -70,6 +70,11 @@ def _suffix(path: Path) -> str:
 
 
 def _read_npz(path: Path) -> tuple[list[str], np.ndarray]:
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # numpy would answer with advice about pickles
+        raise ValueError(f"embedding table {path}: not an .npz archive (numpy's savez writes "
+                         "a zip of arrays 'genes' and 'emb')")
     with np.load(path, allow_pickle=False) as z:
         keys = sorted(z.files)
         if "genes" not in keys or "emb" not in keys:

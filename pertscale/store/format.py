@@ -180,7 +180,12 @@ def read_json(kv: ts.KvStore, key: str) -> dict[str, Any] | None:
     res = wait(kv.read(key), _kv_endpoint(kv))
     if res.state != "value":
         return None
-    return json.loads(bytes(res.value).decode("utf-8"))
+    try:
+        return json.loads(bytes(res.value).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = _kv_endpoint(kv) or kv.spec().to_json().get("path", "")
+        raise StoreError(f"{where}{key} is not a valid JSON document ({e}); the store's "
+                         "metadata is damaged: restore or re-ingest it") from None
 
 
 def write_json(kv: ts.KvStore, key: str, doc: dict[str, Any]) -> None:

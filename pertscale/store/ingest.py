@@ -222,8 +222,7 @@ def ingest_h5ad(path: str | Path, out: str | Path, cfg: IngestConfig | None = No
     """Ingest one .h5ad into a store at `out`; returns the store's root attributes."""
     cfg = cfg or IngestConfig()
     path, out = Path(path), str(out)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
+    _check_input(path)
     if path.stat().st_size == 0:
         raise ValueError(f"input file {path} is empty")
     source = _source(path, cfg)
@@ -277,6 +276,13 @@ def ingest_h5ad(path: str | Path, out: str | Path, cfg: IngestConfig | None = No
                                seed=cfg.seed, block_rows=cfg.block_rows,
                                bucket_values=cfg.shuffle_bucket_values, progress=progress)
     return _existing_attrs(out)
+
+
+def _check_input(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"input {path} is a directory, not an .h5ad file")
+    if not path.is_file():
+        raise FileNotFoundError(f"input file {path} does not exist")
 
 
 def _source_blocks(path: Path, matrix: Any, obs: ObsBlocks, rows: int):
@@ -344,8 +350,7 @@ def ingest(inputs: list[str | Path], out: str | Path, cfg: IngestConfig | None =
                              f"once, or every cell would be stored twice")
         seen[key] = Path(p)
     for p in inputs:
-        if not p.is_file():
-            raise FileNotFoundError(f"input file {p} does not exist")
+        _check_input(p)
     report = (lambda name: (lambda done, total: progress(name, done, total))) if progress \
         else (lambda name: None)
     if len(inputs) == 1:

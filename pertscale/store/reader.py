@@ -66,8 +66,9 @@ def read_store_attrs(uri: str) -> dict[str, Any]:
         raise StoreError(f"store {uri} has format version {attrs['format_version']}; this "
                          f"pertscale reads up to {FORMAT_VERSION}")
     if not attrs.get("complete", False):
-        raise StoreError(f"store {uri} is incomplete (its writer did not commit: interrupted "
-                         "ingest?); rerun the ingest to restart it")
+        raise StoreError(f"store {uri} is incomplete: its writer stopped before the commit "
+                         "(an ingest that was interrupted or refused its input); rerun the "
+                         "ingest to write it")
     return attrs
 
 

@@ -31,6 +31,7 @@ def world(tmp_path_factory):
     write_simulated_h5ad(h5ad, 3000, 200, nnz_per_cell=20.0)
     ingest([h5ad], root / "store", IngestConfig())
     (root / "plain.txt").write_text("a user's file\n")
+    (root / "plain.npz").write_text("genes,emb\n")  # a text file under an .npz name
     return root
 
 
@@ -83,6 +84,15 @@ CASES = [
                                       "--data.store_uri=WORLD/store",
                                       "--engine.warmup_steps=500"], 2,
      ["engine.warmup_steps=500 is not below trainer.max_steps=200"], {}),
+    ("ingest-a-directory", ["ingest", "WORLD/store", "--out", "WORLD/s2"], 1,
+     ["WORLD/store is a directory, not an .h5ad file"], {}),
+    ("genepert-text-file-named-npz", ["fit", "genepert", "--config",
+                                      "REPO/configs/genepert.toml",
+                                      "--data.store_uri=WORLD/store",
+                                      "--data.perturbation.sign_column=\"\"",
+                                      "--data.perturbation.sign_values={}",
+                                      "--embeddings.path=WORLD/plain.npz"], 1,
+     ["WORLD/plain.npz", "not an .npz archive"], {}),
     ("pull-unreachable-server", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
                                  "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9"], {}),
 ]
@@ -185,3 +195,14 @@ def test_a_store_that_fails_its_check_is_not_trained_on(world, tmp_path):
     proc = run(args, tmp_path)
     assert_one_line(proc, "pretrain", 1, ["fails its metadata check", "X/data/c/0 is missing",
                                           "trainer.verify_store=off"])
+
+
+def test_a_damaged_metadata_document_is_named(world, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(world / "store", store)
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": ')
+    proc = run(["info", str(store)], tmp_path)
+    assert_one_line(proc, "info", 1, [f"{store}/zarr.json is not a valid JSON document",
+                                      "re-ingest"])
