@@ -84,6 +84,10 @@ class PretrainJobConfig(Config):
 def _check_engine(job: PretrainJobConfig | FinetuneJobConfig) -> None:
     if job.trainer.use_gpu is False and job.engine.backend == "nccl":
         raise ConfigError("engine.backend='nccl' needs trainer.use_gpu=true; CPUs use gloo")
+    if job.trainer.use_gpu is False and job.engine.precision != "fp32":
+        raise ConfigError(f"engine.precision={job.engine.precision!r} needs trainer.use_gpu=true; "
+                          "on CPUs the engine trains in fp32 (no fp16 kernels; bf16 matmuls "
+                          "without AVX512-BF16 are emulated, slower than fp32)")
 
 
 @dataclasses.dataclass

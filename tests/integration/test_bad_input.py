@@ -32,6 +32,8 @@ def world(tmp_path_factory):
     ingest([h5ad], root / "store", IngestConfig())
     (root / "plain.txt").write_text("a user's file\n")
     (root / "plain.npz").write_text("genes,emb\n")  # a text file under an .npz name
+    (root / "userdir").mkdir()
+    (root / "userdir" / "notes.txt").write_text("a user's notes\n")
     return root
 
 
@@ -93,6 +95,20 @@ CASES = [
                                       "--data.perturbation.sign_values={}",
                                       "--embeddings.path=WORLD/plain.npz"], 1,
      ["WORLD/plain.npz", "not an .npz archive"], {}),
+    ("pretrain-bf16-on-cpus", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
+                               "--data.store_uri=WORLD/store", "--engine.precision=bf16"], 2,
+     ["engine.precision='bf16' needs trainer.use_gpu=true"], {}),
+    ("pretrain-lr-nan", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
+                         "--data.store_uri=WORLD/store", "--engine.lr=nan"], 2,
+     ["engine.lr=nan is not a finite number"], {}),
+    ("ingest-the-same-file-twice", ["ingest", "WORLD/cells.h5ad", "WORLD/./cells.h5ad", "--out",
+                                    "WORLD/s3"], 1, ["cells.h5ad is given twice"], {}),
+    ("ingest-into-a-store", ["ingest", "WORLD/cells.h5ad", "--out", "WORLD/store/X/nested"], 1,
+     ["is inside the store WORLD/store"], {}),
+    ("simulate-out-a-file", ["simulate", "--out", "WORLD/plain.txt"], 1,
+     ["WORLD/plain.txt exists and is not a directory"], {}),
+    ("simulate-overwrite-a-users-folder", ["simulate", "--out", "WORLD/userdir", "--overwrite"],
+     1, ["WORLD/userdir is not empty and was not written by pertscale"], {}),
     ("pull-unreachable-server", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
                                  "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9"], {}),
 ]
