@@ -49,6 +49,19 @@ class TrackingConfig(Config):
     """Aliases set on the registered version (models:/NAME@ALIAS); `--alias NAME` adds one."""
 
 
+# MLflow's own defaults retry an unanswered request 7 times with exponential backoff, 120 s
+# each: a black-holed server would hold a command for many minutes. A user's values win.
+MLFLOW_REQUEST_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}
+
+
+def bound_mlflow_requests() -> None:
+    """Time limits on every MLflow server call of this process (environment, set once)."""
+    for name, value in MLFLOW_REQUEST_LIMITS.items():
+        if name not in os.environ:
+            os.environ[name] = value
+            log.info("MLflow requests: %s=%s (pertscale's default; set it to change)", name, value)
+
+
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or default_tracking_uri()
 
@@ -95,6 +108,7 @@ class RunLogger:
         try:
             from mlflow import MlflowClient
 
+            bound_mlflow_requests()
             self._client = MlflowClient(tracking_uri=self.uri)
             if run_id is None:
                 exp_id = _experiment_id(self._client, cfg.experiment, self.uri)

@@ -31,7 +31,12 @@ import torch
 from pertscale import __version__
 from pertscale.checksums import file_sha256
 from pertscale.models.spec import Exported, get_spec
-from pertscale.tracking.logger import RunLogger, TrackingConfig, resolve_tracking_uri
+from pertscale.tracking.logger import (
+    RunLogger,
+    TrackingConfig,
+    bound_mlflow_requests,
+    resolve_tracking_uri,
+)
 
 __all__ = [
     "MANIFEST",
@@ -245,6 +250,7 @@ def _client(tracking: TrackingConfig | None):
     from mlflow import MlflowClient
 
     tracking_uri = resolve_tracking_uri(tracking or TrackingConfig())
+    bound_mlflow_requests()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), tracking_uri
 
 

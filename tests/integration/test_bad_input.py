@@ -222,3 +222,33 @@ def test_a_damaged_metadata_document_is_named(world, tmp_path):
     proc = run(["info", str(store)], tmp_path)
     assert_one_line(proc, "info", 1, [f"{store}/zarr.json is not a valid JSON document",
                                       "re-ingest"])
+
+
+def test_a_server_that_never_answers_ends_within_the_request_limits(tmp_path, monkeypatch):
+    """MLflow's defaults (7 retries of 120 s, backoff) would hold `pull` for many minutes;
+    pertscale sets 30 s x (1 + 2 retries) unless the user set them. Here the user's shorter
+    limits show the call ends with one line naming the server."""
+    import socket
+
+    from pertscale.tracking.logger import MLFLOW_REQUEST_LIMITS, bound_mlflow_requests
+
+    for name in MLFLOW_REQUEST_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "5")  # a user's own value stays
+    bound_mlflow_requests()
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "30"
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "5"
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # accepts connections (the kernel does), never answers
+    url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    t0 = time.monotonic()
+    try:
+        proc = run(["pull", "models:/pertscale-scgpt@champion", "--tracking-uri", url],
+                   tmp_path, timeout=60, env={"MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+                                              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    finally:
+        silent.close()
+    assert_one_line(proc, "pull", 1, [url])
+    assert time.monotonic() - t0 < 60
