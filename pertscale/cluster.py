@@ -25,6 +25,7 @@ def start_ray(address: str | None, *, num_cpus: int | None, env_vars: dict[str, 
     if env_vars:
         kwargs["runtime_env"] = {"env_vars": env_vars}
     if address:
+        _check_reachable(address)
         ray.init(address=address, **kwargs)
     else:
         if "RAY_AUTH_MODE" not in os.environ:
@@ -34,3 +35,33 @@ def start_ray(address: str | None, *, num_cpus: int | None, env_vars: dict[str, 
             log.info("embedded Ray cluster: Ray's default token authentication "
                      "(RAY_AUTH_MODE=disabled opts out)")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+RAY_TIMEOUT_ENV = "PERTSCALE_RAY_TIMEOUT_S"
+
+
+def _check_reachable(address: str) -> None:
+    """A cluster address that does not answer is an error within PERTSCALE_RAY_TIMEOUT_S
+    (default 30 s): `ray.init` itself waits minutes for an unreachable head."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto":
+        return
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    host = parsed.hostname
+    port = parsed.port or (10001 if address.startswith("ray://") else 6379)  # client / GCS
+    raw = os.environ.get(RAY_TIMEOUT_ENV, "30")
+    try:
+        limit = float(raw)
+    except ValueError:
+        limit = float("nan")
+    if not limit > 0:
+        raise ValueError(f"{RAY_TIMEOUT_ENV}={raw!r} must be a number of seconds > 0")
+    try:
+        with socket.create_connection((host, port), timeout=limit):
+            return
+    except OSError as e:
+        raise ConnectionError(f"Ray cluster at {address} is not reachable within {limit:g} s "
+                              f"({e}; {RAY_TIMEOUT_ENV} sets the limit); is `ray start "
+                              f"--head` running there?") from None

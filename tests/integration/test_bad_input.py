@@ -109,6 +109,17 @@ CASES = [
      ["WORLD/plain.txt exists and is not a directory"], {}),
     ("simulate-overwrite-a-users-folder", ["simulate", "--out", "WORLD/userdir", "--overwrite"],
      1, ["WORLD/userdir is not empty and was not written by pertscale"], {}),
+    ("pretrain-unreachable-ray-cluster", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
+                                          "--data.store_uri=WORLD/store",
+                                          "--tracking.enabled=false", "--address",
+                                          "127.0.0.1:9"], 1,
+     ["Ray cluster at 127.0.0.1:9 is not reachable", "PERTSCALE_RAY_TIMEOUT_S"], {}),
+    # NOTE: here the credential lookup hangs (then the limit names gcs://bucket/store); where
+    # it fails at once, tensorstore's own message is the line
+    ("info-gs-without-credentials-or-network", ["info", "gs://bucket/store"], 1, [],
+     {"PERTSCALE_STORE_TIMEOUT_S": "3"}),
+    ("simulate-out-below-a-file", ["simulate", "--out", "WORLD/plain.txt/sim"], 1,
+     ["WORLD/plain.txt", "Not a directory"], {}),
     ("pull-unreachable-server", ["pull", "models:/pertscale-scgpt@champion", "--tracking-uri",
                                  "http://127.0.0.1:9"], 1, ["http://127.0.0.1:9"], {}),
 ]
