@@ -72,6 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pertscale {name}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # expected failures become one line, bugs re-raise
+        if isinstance(e.__context__, KeyboardInterrupt) and not debug:
+            # NOTE: Ctrl-C during a C extension's import surfaces as "ImportError:
+            # initialization failed"
+            print(f"pertscale {name}: interrupted", file=sys.stderr)
+            return 130
         kind = expected_failure(e)
         if kind is None or debug:
             raise

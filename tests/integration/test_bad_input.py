@@ -263,3 +263,20 @@ def test_a_server_that_never_answers_ends_within_the_request_limits(tmp_path, mo
         silent.close()
     assert_one_line(proc, "pull", 1, [url])
     assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.parametrize("after_s", [0.4, 1.0, 2.0])
+def test_ctrl_c_at_any_moment_of_a_command_is_one_line(world, after_s):
+    """During start-up (imports: an extension's import turns Ctrl-C into an ImportError) or
+    during the work, Ctrl-C ends the command with 'interrupted' and exit 130."""
+    proc = subprocess.Popen([sys.executable, "-m", "pertscale", "stats", str(world / "store"),
+                             "--flavor", "seurat_v3"], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=LIMIT_S)[1]
+    if proc.returncode == 0:
+        pytest.skip(f"the command ended before {after_s} s")
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == \
+        "pertscale stats: interrupted", err[-2000:]
