@@ -6,6 +6,8 @@ import logging
 import os
 from typing import Any
 
+from pertscale.config import env_seconds
+
 log = logging.getLogger(__name__)
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
@@ -51,13 +53,7 @@ def _check_reachable(address: str) -> None:
     parsed = urlparse(address if "://" in address else f"ray://{address}")
     host = parsed.hostname
     port = parsed.port or (10001 if address.startswith("ray://") else 6379)  # client / GCS
-    raw = os.environ.get(RAY_TIMEOUT_ENV, "30")
-    try:
-        limit = float(raw)
-    except ValueError:
-        limit = float("nan")
-    if not limit > 0:
-        raise ValueError(f"{RAY_TIMEOUT_ENV}={raw!r} must be a number of seconds > 0")
+    limit = env_seconds(RAY_TIMEOUT_ENV, 30.0)
     try:
         with socket.create_connection((host, port), timeout=limit):
             return

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 import sys
 import tomllib
 import types
@@ -47,6 +48,20 @@ def check_choice(field: str, value: Any, choices: typing.Iterable[Any]) -> None:
     choices = list(choices)
     if value not in choices:
         raise ConfigError(f"{field}={value!r} is not one of {choices}")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A time limit in seconds from the environment variable `name` (default when unset)."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}={raw!r} must be a number of seconds > 0")
+    return value
 
 
 def check_range(field: str, value: float, lo: float | None = None, hi: float | None = None,

@@ -131,16 +131,9 @@ DEFAULT_TIMEOUT_S = 60.0
 
 def store_timeout() -> float:
     """Seconds an object-store call may take (PERTSCALE_STORE_TIMEOUT_S, default 60)."""
-    raw = os.environ.get(TIMEOUT_ENV, "")
-    if not raw:
-        return DEFAULT_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = float("nan")
-    if not (np.isfinite(value) and value > 0):
-        raise StoreError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds > 0")
-    return value
+    from pertscale.config import env_seconds
+
+    return env_seconds(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)
 
 
 def remote_endpoint(spec: dict[str, Any]) -> str | None:
