@@ -277,6 +277,8 @@ def test_ctrl_c_at_any_moment_of_a_command_is_one_line(world, after_s):
     err = proc.communicate(timeout=LIMIT_S)[1]
     if proc.returncode == 0:
         pytest.skip(f"the command ended before {after_s} s")
-    assert proc.returncode == 130, err[-2000:]
+    # NOTE: a signal landing as the interpreter exits ends it by SIGINT itself (-2 here); a
+    # shell reports both as 130
+    assert proc.returncode in (130, -signal.SIGINT), err[-2000:]
     assert "Traceback" not in err and err.strip().splitlines()[-1] == \
         "pertscale stats: interrupted", err[-2000:]
