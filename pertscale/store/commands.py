@@ -59,12 +59,13 @@ def ingest_main(argv: list[str]) -> int:
         compression_level=args.compression_level, codec=args.codec, order=args.order,
         seed=args.seed, overwrite=args.overwrite)
 
-    shown = []
+    shown = False
 
     def progress(name: str, done: int, total: int) -> None:
+        nonlocal shown
         if not args.quiet:
             print(f"\r{name}: {done}/{total} cells", end="", file=sys.stderr, flush=True)
-            shown[:] = [True]
+            shown = True
 
     t0 = time.perf_counter()
     try:

@@ -197,11 +197,15 @@ def content_fingerprint(attrs: dict[str, Any]) -> str:
                           .encode("utf-8")).hexdigest()
 
 
+def list_keys(kv: ts.KvStore) -> list[str]:
+    """Every key below the store root (within the object-store time limit)."""
+    return [k.decode() if isinstance(k, bytes) else str(k)
+            for k in wait(kv.list(), _kv_endpoint(kv))]
+
+
 def metadata_keys(kv: ts.KvStore) -> list[str]:
     """Every zarr.json document below the store root (groups and arrays), sorted."""
-    keys = [k.decode() if isinstance(k, bytes) else str(k)
-            for k in wait(kv.list(), _kv_endpoint(kv))]
-    return sorted(k for k in keys if k.endswith("zarr.json") and k != "zarr.json")
+    return sorted(k for k in list_keys(kv) if k.endswith("zarr.json") and k != "zarr.json")
 
 
 def group_meta(attributes: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -19,12 +19,10 @@ from pertscale.store.format import (
     StoreError,
     content_fingerprint,
     join_uri,
-    kvstore_spec,
+    list_keys,
     local_path,
     metadata_keys,
     open_kvstore,
-    remote_endpoint,
-    wait,
 )
 from pertscale.store.reader import read_store_attrs
 
@@ -83,9 +81,7 @@ def _check_shards_present(uri: str, manifest: dict[str, list[dict[str, Any]]],
                           report: VerifyReport, prefix: str = "") -> None:
     """The fast check: every shard file exists (one listing) and, on a local disk, has its
     recorded size; contents are left to the crc32c of every chunk read."""
-    kv = open_kvstore(uri)
-    present = {k.decode() if isinstance(k, bytes) else str(k) for k in wait(kv.list(),
-                                                                          _endpoint(uri))}
+    present = set(list_keys(open_kvstore(uri)))
     root = local_path(uri)
     for array, entries in sorted(manifest.items()):
         for entry in entries:
@@ -95,13 +91,10 @@ def _check_shards_present(uri: str, manifest: dict[str, list[dict[str, Any]]],
             report.num_bytes += entry["size"]
             if key not in present:
                 report.problems.append(f"{where} is missing")
-            elif root is not None and (root / key).stat().st_size != entry["size"]:
-                report.problems.append(f"{where} has {(root / key).stat().st_size} bytes, "
-                                       f"expected {entry['size']}")
-
-
-def _endpoint(uri: str) -> str | None:
-    return remote_endpoint(kvstore_spec(uri))
+                continue
+            size = (root / key).stat().st_size if root is not None else entry["size"]
+            if size != entry["size"]:
+                report.problems.append(f"{where} has {size} bytes, expected {entry['size']}")
 
 
 def verify_store(uri: str, level: str = "full") -> VerifyReport:

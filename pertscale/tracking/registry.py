@@ -246,10 +246,16 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len("sqlite:///"):])
 
 
-def _client(tracking: TrackingConfig | None):
+def _client(tracking: TrackingConfig | None, uri: str):
+    """(MlflowClient, tracking URI) to read the registry for the model URI `uri`."""
     from mlflow import MlflowClient
 
     tracking_uri = resolve_tracking_uri(tracking or TrackingConfig())
+    db = sqlite_path(tracking_uri)
+    if db is not None and not db.is_file():
+        # NOTE: MLflow's client would create an empty database there (a typo looks empty)
+        raise RegistryError(f"{uri}: the tracking database {db} does not exist (tracking URI "
+                            f"{tracking_uri}); check --tracking-uri / MLFLOW_TRACKING_URI")
     bound_mlflow_requests()
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri), tracking_uri
 
@@ -259,13 +265,7 @@ def resolve_version(uri: str, *, tracking: TrackingConfig | None = None):
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_model_uri(uri)
-    tracking_uri = resolve_tracking_uri(tracking or TrackingConfig())
-    db = sqlite_path(tracking_uri)
-    if db is not None and not db.is_file():
-        # NOTE: MLflow's client would create an empty database there (a typo looks empty)
-        raise RegistryError(f"{uri}: the tracking database {db} does not exist (tracking URI "
-                            f"{tracking_uri}); check --tracking-uri / MLFLOW_TRACKING_URI")
-    client, _ = _client(tracking)
+    client, tracking_uri = _client(tracking, uri)
     try:
         if alias == "latest":
             versions = client.search_model_versions(f"name = '{name}'")
