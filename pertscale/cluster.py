@@ -42,9 +42,16 @@ def start_ray(address: str | None, *, num_cpus: int | None, env_vars: dict[str, 
 RAY_TIMEOUT_ENV = "PERTSCALE_RAY_TIMEOUT_S"
 
 
+# NOTE: a Ray head (GCS, or the Ray Client server of a ray:// address) is a gRPC server, so it
+# answers HTTP/2's client preface with a SETTINGS frame; anything else on the port (a web server,
+# a silent listener) would hold `ray.init` in its reconnect loop for minutes
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+HTTP2_SETTINGS = 4
+
+
 def _check_reachable(address: str) -> None:
-    """A cluster address that does not answer is an error within PERTSCALE_RAY_TIMEOUT_S
-    (default 30 s): `ray.init` itself waits minutes for an unreachable head."""
+    """A cluster address that does not answer, or answers but is not a Ray head, is an error
+    within PERTSCALE_RAY_TIMEOUT_S (default 30 s): `ray.init` itself waits minutes for it."""
     import socket
     from urllib.parse import urlparse
 
@@ -54,10 +61,17 @@ def _check_reachable(address: str) -> None:
     host = parsed.hostname
     port = parsed.port or (10001 if address.startswith("ray://") else 6379)  # client / GCS
     limit = env_seconds(RAY_TIMEOUT_ENV, 30.0)
+    setting = f"{RAY_TIMEOUT_ENV} sets the limit"
     try:
-        with socket.create_connection((host, port), timeout=limit):
-            return
+        with socket.create_connection((host, port), timeout=limit) as conn:
+            conn.sendall(HTTP2_PREFACE)
+            frame = conn.recv(9)
+    except TimeoutError:
+        raise ConnectionError(f"Ray cluster at {address} did not answer within {limit:g} s "
+                              f"({setting}); is `ray start --head` running there?") from None
     except OSError as e:
         raise ConnectionError(f"Ray cluster at {address} is not reachable within {limit:g} s "
-                              f"({e}; {RAY_TIMEOUT_ENV} sets the limit); is `ray start "
-                              f"--head` running there?") from None
+                              f"({e}; {setting}); is `ray start --head` running there?") from None
+    if len(frame) < 9 or frame[3] != HTTP2_SETTINGS:
+        raise ConnectionError(f"{host}:{port} answers but is not a Ray head (it does not speak "
+                              f"gRPC); give the address `ray start --head` printed")

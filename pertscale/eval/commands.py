@@ -162,7 +162,6 @@ def run_evaluate(job: EvaluateJobConfig, *, address: str | None = None) -> EvalR
     """Evaluate registered models (or the baselines alone) (see the module docstring)."""
     from pertscale.tracking import RunLogger, pull_model
 
-    job = _start(job, address)
     data, split, cells = load_eval_data(job.data, job.report)
     models, gene_tables = [], []
     for uri in job.models:
@@ -189,6 +188,7 @@ def run_evaluate(job: EvaluateJobConfig, *, address: str | None = None) -> EvalR
         raise ValueError(f"models {job.models} give the report names {names} twice: evaluate "
                          f"each version once")
     predictors = models + [(b, True) for b in build_baselines(job.report, table)]
+    job = _start(job, address)  # after the models and data are found: a typo costs no cluster
     with RunLogger(job.tracking, run_name=job.run_name,
                    tags={"job": "evaluate", "store_fingerprint": data.source["fingerprint"]}
                    ) as logger:

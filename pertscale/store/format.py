@@ -25,6 +25,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "StoreError",
+    "StoreUnreachable",
     "array_spec",
     "decode_column",
     "decode_strings",
@@ -66,6 +67,11 @@ DEFAULT_CODEC = "zstd"
 
 class StoreError(ValueError):
     """A store that is missing, incomplete, corrupt or of an unknown format; names the uri."""
+
+
+class StoreUnreachable(StoreError):
+    """An object store's endpoint that gave no answer within the time limit (not a problem of
+    the store itself)."""
 
 
 def join_uri(uri: str, path: str) -> str:
@@ -155,7 +161,7 @@ def wait(future: Any, endpoint: str | None) -> Any:
     try:
         return future.result(timeout=limit)
     except TimeoutError:
-        raise StoreError(f"{endpoint}: no answer within {limit:g} s (unreachable endpoint or "
+        raise StoreUnreachable(f"{endpoint}: no answer within {limit:g} s (unreachable endpoint or "
                          f"credentials? {TIMEOUT_ENV} sets the limit)") from None
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from pertscale.store.format import (
     COLLECTION_NAME,
     StoreError,
+    StoreUnreachable,
     content_fingerprint,
     join_uri,
     list_keys,
@@ -107,6 +108,8 @@ def verify_store(uri: str, level: str = "full") -> VerifyReport:
     report = VerifyReport(uri)
     try:
         attrs = read_store_attrs(uri)
+    except StoreUnreachable:
+        raise  # the endpoint, not the store: an error of the command
     except StoreError as e:
         report.problems.append(str(e))
         return report

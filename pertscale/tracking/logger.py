@@ -24,10 +24,7 @@ __all__ = ["RunLogger", "TrackingConfig", "resolve_tracking_uri"]
 
 log = logging.getLogger(__name__)
 
-# NOTE: MLflow's HTTP client retries for minutes by default; a dead server must cost seconds.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-# NOTE: one progress bar per downloaded file drowns a command's output.
+# NOTE: one progress bar per downloaded file would land inside the commands' tables
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 _MAX_PARAMS_PER_CALL = 100

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import subprocess
 import tempfile
@@ -299,8 +298,6 @@ def pull_model(uri: str, *, tracking: TrackingConfig | None = None,
         raise RegistryError(f"{uri} (version {mv.version}) has no manifest_sha256 tag: it was "
                             f"not registered by this pertscale; register it again")
     dst = Path(dst_dir) if dst_dir else Path(tempfile.mkdtemp(prefix="pertscale-pull-"))
-    # NOTE: MLflow's download progress bars would land inside the commands' tables
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst),
                                                      tracking_uri=tracking_uri))
     folder = local / PYFUNC_DIR

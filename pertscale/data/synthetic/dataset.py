@@ -209,7 +209,10 @@ def write_dataset(cfg: SimulatorConfig, out_dir: str | Path | None, *,
                                   f"overwrite=True (--overwrite) to replace it")
     tmp = out.parent / f".{out.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as e:  # named as the output the user gave, not our staging folder
+        raise OSError(e.errno, e.strerror, str(out)) from None
     try:
         truth = build_ground_truth(cfg)
         config_json = json.dumps(cfg.to_dict(), sort_keys=True)
