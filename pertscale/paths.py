@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["default_tracking_uri", "storage_root"]
+__all__ = ["default_tracking_uri", "make_dir", "storage_root"]
 
 
 def storage_root() -> Path:
@@ -23,3 +23,13 @@ def default_tracking_uri() -> str:
     db = storage_root() / "mlflow" / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{db}"
+
+
+def make_dir(path: str | Path, what: str = "output") -> Path:
+    """The folder `path`, made with its parents; a file in its place is refused by name (not
+    '[Errno 17] File exists')."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"{what} {path} exists and is not a directory; choose a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -56,6 +56,7 @@ from pertscale.constants import CELL_INDEX, VALUES
 from pertscale.data.loader import CellLoader
 from pertscale.data.mixing import batch_mixing
 from pertscale.memory import peak_rss_mb
+from pertscale.paths import make_dir
 
 __all__ = ["main", "simulate_counts", "store_blocks"]
 
@@ -401,7 +402,7 @@ def main(argv: list[str]) -> int:
     grid = parse_grid(args.grid)
 
     if args.work_dir:
-        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+        make_dir(args.work_dir, "--work-dir")
     with tempfile.TemporaryDirectory(prefix="pertscale-bench-loader-",
                                      dir=args.work_dir) as tmp:
         work = Path(tmp)

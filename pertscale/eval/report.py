@@ -29,6 +29,7 @@ from pertscale.data.perturbation import PerturbationData
 from pertscale.data.splits import Split
 from pertscale.eval.metrics import BEST_VALUE, METRIC_FAMILIES
 from pertscale.eval.scoring import Scorer
+from pertscale.paths import make_dir
 
 __all__ = [
     "NORMALISE_BY",
@@ -190,8 +191,7 @@ def write_report(out_dir: str | Path, *, title: str, data: PerturbationData, spl
                  meta: dict[str, Any], plots: list[Path]) -> Path:
     """Write report.md, metrics.csv, per_condition.csv, split.json and summary.json into `out_dir`;
     returns the report.md path. `plots` are PNGs already written under out_dir/plots."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out_dir, "report.out_dir")
     groups = list(split.subgroups())
     summary.to_csv(out / "metrics.csv", index=False)
     per_condition.to_csv(out / "per_condition.csv", index=False)

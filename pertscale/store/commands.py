@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from pertscale.paths import make_dir
 from pertscale.store.format import CODECS, local_path
 from pertscale.store.ingest import ORDERS, VALUE_KINDS, IngestConfig, ingest
 from pertscale.store.reader import open_store, read_store_attrs
@@ -101,7 +102,7 @@ def stats_main(argv: list[str]) -> int:
                          f"genes of store {args.store}")
     out = Path(args.out) if args.out else None
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)  # before the work: a bad --out fails first
+        make_dir(out)  # before the work: a bad --out fails first
     kwargs = {} if args.n_top_genes is None else {"n_top_genes": args.n_top_genes}
     hvg = highly_variable_genes(store, args.flavor, **kwargs)
     sf = size_factors(store, args.target_sum)

@@ -213,6 +213,8 @@ class StoreWriter:
         self.n_cells = 0
         self.nnz = 0
         self.empty_cells = 0  # cells without a nonzero value (kept; said at close)
+        # normalised values that are all integers look like raw counts (said at close)
+        self.integers_only = not self.raw_counts
         self._obs_columns: list[str] | None = None
         self._obs: dict[str, ColumnSink] = {}
         g = self.n_genes
@@ -304,6 +306,9 @@ class StoreWriter:
                     "--values normalised / raw_counts=False for normalised values)")
         else:
             what = "stored values must be finite"
+            if self.integers_only:  # checked until the first block with a fraction
+                with np.errstate(invalid="ignore"):
+                    self.integers_only = bool(np.all(data == np.round(data)))
         if bad.any():
             k = int(np.flatnonzero(bad)[0])
             row = int(np.searchsorted(csr.indptr, k, side="right") - 1)
@@ -356,6 +361,10 @@ class StoreWriter:
             log.warning("%s%d of %d cells have no nonzero value (kept; their size factor is 0: "
                         "filter them, e.g. scanpy's filter_cells(min_counts=1), before "
                         "normalising)", self._label, self.empty_cells, self.n_cells)
+        if self.integers_only and self.nnz:
+            log.warning("%severy stored value is an integer: these look like raw counts, not "
+                        "normalised values; if they are counts, ingest with --values raw_counts "
+                        "(size factors, the negative binomial likelihood)", self._label)
         var_enc = self._write_var(manifest)
         for name, values in self._stats.items():
             arr = self._array(f"{STATS_DIR}/{name}", values.dtype, table=True)

@@ -93,7 +93,8 @@ class RunLogger:
     def __init__(self, cfg: TrackingConfig, *, run_name: str = "", tags: dict[str, str] | None = None,
                  run_id: str | None = None):
         self.cfg = cfg
-        self.uri = resolve_tracking_uri(cfg)
+        # NOTE: resolving the default makes storage/mlflow; not for a run that tracks nothing
+        self.uri = resolve_tracking_uri(cfg) if cfg.enabled else cfg.uri
         self.run_id: str | None = None
         self._client = None
         self._owns_run = run_id is None

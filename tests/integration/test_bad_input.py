@@ -61,9 +61,10 @@ def run(args: list[str], cwd: Path, *, timeout: float = LIMIT_S,
 
 
 def digest(root: Path) -> dict[str, str]:
-    """Every file under `root` (the user's and the earlier commands') by content."""
+    """Every file under `root` (the user's and the earlier commands') by content, and every
+    folder (nothing half-made is left behind)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            if p.is_file() else "folder" for p in sorted(root.rglob("*"))}
 
 
 def assert_one_line(proc: subprocess.CompletedProcess, command: str, code: int,
@@ -125,6 +126,11 @@ CASES = [
                                     "WORLD/s3"], 1, ["cells.h5ad is given twice"], {}),
     ("ingest-into-a-store", ["ingest", "WORLD/cells.h5ad", "--out", "WORLD/store/X/nested"], 1,
      ["is inside the store WORLD/store"], {}),
+    ("stats-out-a-file", ["stats", "WORLD/store", "--out", "WORLD/plain.txt"], 1,
+     ["output WORLD/plain.txt exists and is not a directory"], {}),
+    ("ingest-a-bad-parameter-makes-no-store", ["ingest", "WORLD/cells.h5ad", "--out", "WORLD/s5",
+                                               "--compression-level", "30"], 2,
+     ["compression_level=30 is outside [1, 22]"], {}),
     ("simulate-out-a-file", ["simulate", "--out", "WORLD/plain.txt"], 1,
      ["WORLD/plain.txt exists and is not a directory"], {}),
     ("simulate-overwrite-a-users-folder", ["simulate", "--out", "WORLD/userdir", "--overwrite"],
@@ -296,6 +302,17 @@ def test_cells_without_counts_are_kept_with_a_warning(tmp_path):
     proc = run(["stats", str(tmp_path / "s")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "warning: 4 of 40 cells have no counts: their size factor is 0" in proc.stderr
+
+
+def test_counts_ingested_as_normalised_values_are_kept_with_a_warning(world, tmp_path):
+    proc = run(["ingest", str(world / "cells.h5ad"), "--out", str(tmp_path / "s"), "--values",
+                "normalised", "--quiet"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert ("every stored value is an integer: these look like raw counts, not normalised "
+            "values; if they are counts, ingest with --values raw_counts") in proc.stderr
+    proc = run(["ingest", str(world / "cells.h5ad"), "--out", str(tmp_path / "c"), "--quiet"],
+               tmp_path)
+    assert proc.returncode == 0 and "look like raw counts" not in proc.stderr, proc.stderr
 
 
 def test_a_store_that_fails_its_check_is_not_trained_on(world, tmp_path):
