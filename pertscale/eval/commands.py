@@ -115,9 +115,10 @@ def eval_summary(result: EvalResult, name: str) -> str:
 
 def run_fit(job: FitJobConfig, *, address: str | None = None) -> EvalResult:
     """Fit, register and report a closed-form model (see the module docstring)."""
-    from pertscale.tracking import RunLogger, log_model
+    from pertscale.tracking import RunLogger, check_tracking_uri, log_model
 
     spec = get_spec(job.model.name)
+    check_tracking_uri(job.tracking)
     job = _start(job, address)
     data, split, cells = load_eval_data(job.data, job.report)
     table, lineage = _features(job, data)

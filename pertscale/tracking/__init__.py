@@ -1,6 +1,11 @@
 """MLflow tracking (rank 0, never fatal) and the model registry (log, register, alias, pull)."""
 
-from pertscale.tracking.logger import RunLogger, TrackingConfig, resolve_tracking_uri
+from pertscale.tracking.logger import (
+    RunLogger,
+    TrackingConfig,
+    check_tracking_uri,
+    resolve_tracking_uri,
+)
 from pertscale.tracking.registry import (
     PulledModel,
     RegistryError,
@@ -20,6 +25,7 @@ __all__ = [
     "RegistryError",
     "RunLogger",
     "TrackingConfig",
+    "check_tracking_uri",
     "code_version",
     "load_model_dir",
     "log_model",

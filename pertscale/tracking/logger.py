@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any, Self
 from urllib.parse import urlparse
 
-from pertscale.config import Config, flatten_dict
+from pertscale.config import Config, ConfigError, flatten_dict
 from pertscale.paths import default_tracking_uri, storage_root
 
-__all__ = ["RunLogger", "TrackingConfig", "resolve_tracking_uri"]
+__all__ = ["RunLogger", "TrackingConfig", "check_tracking_uri", "resolve_tracking_uri",
+           "sqlite_path"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,27 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or default_tracking_uri()
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// tracking URI (None for any other URI)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri[len("sqlite:///"):])
+
+
+def check_tracking_uri(cfg: TrackingConfig) -> None:
+    """Before a job's work: a sqlite tracking URI in a folder that does not exist is a typo (MLflow
+    would make the folder and an empty database there); a new database in an existing folder
+    is said."""
+    db = sqlite_path(cfg.uri) if cfg.enabled else None
+    if db is None or db.is_file():
+        return
+    if not db.parent.is_dir():
+        raise ConfigError(f"tracking.uri={cfg.uri}: the folder {db.parent} does not exist; "
+                          f"create it for a new database, or leave tracking.uri empty for "
+                          f"the default under storage/mlflow")
+    log.warning("tracking.uri=%s: a new MLflow database is made at %s", cfg.uri, db)
+
+
 def _server_reachable(uri: str, timeout: float = 3.0) -> bool:
     parsed = urlparse(uri)
     if parsed.scheme not in ("http", "https"):
@@ -100,6 +122,8 @@ class RunLogger:
         self._owns_run = run_id is None
         if not cfg.enabled:
             return
+        if run_id is None:
+            check_tracking_uri(cfg)
         if not _server_reachable(self.uri):
             self._disable(f"tracking server {self.uri} is unreachable")
             return

@@ -35,6 +35,7 @@ from pertscale.tracking.logger import (
     TrackingConfig,
     bound_mlflow_requests,
     resolve_tracking_uri,
+    sqlite_path,
 )
 
 __all__ = [
@@ -236,13 +237,6 @@ def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
         raise RegistryError(
             f"model URI {uri!r} must look like models:/NAME@ALIAS or models:/NAME/VERSION")
     return m["name"], m["alias"], m["version"]
-
-
-def sqlite_path(tracking_uri: str) -> Path | None:
-    """The database file of a sqlite:/// tracking URI (None for any other URI)."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None
-    return Path(tracking_uri[len("sqlite:///"):])
 
 
 def _client(tracking: TrackingConfig | None, uri: str):

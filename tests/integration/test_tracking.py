@@ -181,6 +181,22 @@ def test_unreachable_server_warns_and_never_raises(storage_dir):
     assert not logger.active and time.monotonic() - start < 10
 
 
+def test_a_tracking_database_is_made_only_in_a_folder_that_exists(tmp_path, caplog):
+    """A new database in an existing folder is said; a missing folder is a typo, refused before
+    MLflow makes it."""
+    from pertscale.config import ConfigError
+
+    with pytest.raises(ConfigError, match="the folder .*/typo does not exist"):
+        RunLogger(TrackingConfig(uri=f"sqlite:///{tmp_path / 'typo' / 'mlflow.db'}"))
+    assert not (tmp_path / "typo").exists()
+    logger = RunLogger(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), run_name="r")
+    logger.end()
+    assert f"a new MLflow database is made at {tmp_path / 'mlflow.db'}" in caplog.text
+    caplog.clear()
+    RunLogger(TrackingConfig(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), run_name="r2").end()
+    assert "a new MLflow database" not in caplog.text
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     port = _free_port()
