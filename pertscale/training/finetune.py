@@ -89,11 +89,15 @@ def _plan(job: FinetuneJobConfig, task: Any, conditions: list[str],
         raise ValueError(f"store {job.data.store_uri}: {n_train} training perturbed cells are "
                          f"too few for one step of data.batch_size={bs} x trainer.num_workers="
                          f"{world} x engine.grad_accum_steps={job.engine.grad_accum_steps}")
-    engine = job.engine
+    engine, max_steps = job.engine, job.epochs * steps_per_epoch
+    if engine.lr_schedule != "step" and engine.warmup_steps >= max_steps:
+        raise ConfigError(f"engine.warmup_steps={engine.warmup_steps} is not below the run's "
+                          f"{max_steps} optimizer steps (epochs={job.epochs} x {steps_per_epoch} "
+                          f"per epoch): the learning rate would never reach engine.lr; lower "
+                          f"engine.warmup_steps or raise epochs")
     if engine.lr_schedule == "step" and engine.lr_decay_every == 0:
         engine = engine.replace(lr_decay_every=steps_per_epoch)
-    return job.replace(trainer=job.trainer.replace(max_steps=job.epochs * steps_per_epoch),
-                       engine=engine)
+    return job.replace(trainer=job.trainer.replace(max_steps=max_steps), engine=engine)
 
 
 def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
