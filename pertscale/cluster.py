@@ -64,6 +64,8 @@ def _check_reachable(address: str) -> None:
     setting = f"{RAY_TIMEOUT_ENV} sets the limit"
     try:
         with socket.create_connection((host, port), timeout=limit) as conn:
+            if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+                return  # a TLS head answers only a TLS handshake
             conn.sendall(HTTP2_PREFACE)
             frame = conn.recv(9)
     except TimeoutError:

@@ -255,6 +255,14 @@ def test_an_address_that_is_not_a_ray_head_is_refused_within_the_limit(world, an
     assert time.monotonic() - t0 < 60
 
 
+def test_a_real_ray_head_passes_the_check(ray_session):
+    import ray
+
+    from pertscale.cluster import _check_reachable
+
+    _check_reachable(ray.get_runtime_context().gcs_address)  # raises if refused
+
+
 def test_a_gpu_run_on_a_machine_without_gpus_is_refused_not_waited_for(world):
     """Ray would wait for GPUs forever; the run is refused once the cluster is up, and Ray's
     token-authentication notice is not printed."""
