@@ -13,6 +13,9 @@ then measures, in one run and on the same cells:
 - ceiling: the store's raw read + decompress rate (consecutive ranges, many reads in flight,
   no shuffling; the fastest of 256, 1,024 and 4,096 cells per read), cells/s and MB/s of
   decoded CSR (indices + values);
+- random block reads: every block of the grid's first block size read once in a random order,
+  nothing shuffled: the loader's reads alone (against the ceiling, what the access pattern
+  costs; against a loader row, what the loader's own work costs);
 - for each `BLOCKxBUFFER` of the grid, one epoch of `CellLoader` (rank 0 of 1): cells/s, MB/s,
   peak RSS while iterating, randomness (below), and the fraction of the ceiling;
 - with `--peer annbatch`, annbatch's `Loader` (chunk_size = block, preload_nchunks = buffer of the
@@ -137,11 +140,23 @@ def measure_ceiling(uri: str) -> dict[str, Any]:
         "patterns": {f"{r['range_cells']}x{r['in_flight']}": r["cells_per_s"] for r in runs}}
 
 
-def _read_whole(uri: str, *, range_cells: int, in_flight: int) -> dict[str, Any]:
+def measure_block_reads(uri: str, *, block_size: int, in_flight: int,
+                        seed: int) -> dict[str, Any]:
+    """The loader's reads alone: every `block_size`-cell block of the store once, in a random
+    order, `in_flight` at a time, nothing shuffled or assembled. Against the ceiling it is what
+    the access pattern costs (partial inner chunks at the blocks' ends are decoded whole);
+    against a loader row, what the loader's own work costs."""
+    return _read_whole(uri, range_cells=block_size, in_flight=in_flight, seed=seed)
+
+
+def _read_whole(uri: str, *, range_cells: int, in_flight: int,
+                seed: int | None = None) -> dict[str, Any]:
     from pertscale.store import open_store
 
     store = open_store(uri)
     starts = list(range(0, store.n_cells, range_cells))
+    if seed is not None:
+        starts = np.random.default_rng(seed).permutation(starts).tolist()
     cpu0, t0 = _cpu_seconds(), time.perf_counter()
     pending, nnz = [], 0
     for a in starts:
@@ -324,6 +339,8 @@ def print_table(result: dict[str, Any]) -> None:
               f"{mixing}{rss:>13}{r['cells_per_s'] / ceiling['cells_per_s']:>12.2f}")
 
     row("ceiling (read+decode)", ceiling)
+    blocks = result["block_reads"]
+    row(f"random {blocks['range_cells']}-cell reads", blocks)
     for r in result["loader"]:
         row(f"pertscale {r['block_size']}x{r['buffer_blocks']}", r)
     peer = result.get("peer")
@@ -332,6 +349,8 @@ def print_table(result: dict[str, Any]) -> None:
     best = max(ceiling["runs"], key=lambda r: r["cells_per_s"])
     print("ceiling: the fastest read of the whole store over patterns (cells per read x reads "
           "in flight): " + ", ".join(f"{k} {v:,.0f}" for k, v in best["patterns"].items()))
+    print(f"random {blocks['range_cells']}-cell reads: the loader's reads alone (every block "
+          f"once in a random order, {blocks['in_flight']} in flight, nothing shuffled)")
     first = result["loader"][0]
     print(f"store blk / source blk: distinct blocks of {first['block_size']} consecutive cells "
           f"per batch, in the loader's own store / in the source order; labels: distinct "
@@ -436,11 +455,15 @@ def main(argv: list[str]) -> int:
             "order": "shuffled" if (positions != np.arange(store.n_cells)).any() else "source",
         }
         ceiling_runs: list[dict[str, Any]] = []
+        block_runs: list[dict[str, Any]] = []
         loader_runs: list[list[dict[str, Any]]] = [[] for _ in grid]
         peer_runs: list[dict[str, Any]] = []
         for rep in range(args.repeats):  # interleaved: each repeat sees similar machine load
             print(f"repeat {rep + 1}/{args.repeats} ...", flush=True)
             ceiling_runs.append(measure_ceiling(uri))
+            block_runs.append(measure_block_reads(uri, block_size=grid[0][0],
+                                                  in_flight=args.blocks_in_flight,
+                                                  seed=args.seed + rep))
             batches_path = work / "batches.bin"
             for runs, (block, buffer) in zip(loader_runs, grid):
                 run = run_isolated(uri=uri, batch_size=args.batch_size, block_size=block,
@@ -458,6 +481,7 @@ def main(argv: list[str]) -> int:
                 peer_runs.append(add_mixing(run, batches_path, to_source=None, labels=labels,
                                             block_size=block))
         result["ceiling"] = summarize(ceiling_runs)
+        result["block_reads"] = summarize(block_runs)
         result["loader"] = [summarize(runs) for runs in loader_runs]
         if args.peer:
             result["peer"] = {**summarize(peer_runs), **peer_write, "name": args.peer}

@@ -319,7 +319,11 @@ def test_bench_loader_command_writes_its_table(tmp_path, capsys):
         assert 4 <= row["blocks_per_batch"] <= 9
         assert result["ceiling"]["cells"] == 3000
         assert set(result["ceiling"]["patterns"]) == {"256x16", "1024x16", "4096x8"}
-        assert "pertscale 32x8" in capsys.readouterr().out
+        blocks = result["block_reads"]  # the grid's first block size, every cell once
+        assert (blocks["range_cells"], blocks["cells"]) == (32, 3000)
+        assert blocks["nnz"] == result["nnz"]
+        printed = capsys.readouterr().out
+        assert "pertscale 32x8" in printed and "random 32-cell reads" in printed
     # the simulated source is sorted by 100 labels of 30 cells: random batches of 64 hold ~48
     shuffled, source = rows["shuffled"], rows["source"]
     assert shuffled["labels_expected"] == pytest.approx(47.8, abs=0.1)
