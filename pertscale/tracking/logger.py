@@ -82,7 +82,8 @@ def check_tracking_uri(cfg: TrackingConfig) -> None:
         raise ConfigError(f"tracking.uri={cfg.uri}: the folder {db.parent} does not exist; "
                           f"create it for a new database, or leave tracking.uri empty for "
                           f"the default under storage/mlflow")
-    log.warning("tracking.uri=%s: a new MLflow database is made at %s", cfg.uri, db)
+    said = log.info if cfg.uri == default_tracking_uri() else log.warning  # ours: first run
+    said("tracking.uri=%s: a new MLflow database is made at %s", cfg.uri, db)
 
 
 def _server_reachable(uri: str, timeout: float = 3.0) -> bool:
