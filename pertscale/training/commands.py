@@ -110,12 +110,13 @@ def launch_training(job: Any, *, kind: str, tags: dict[str, str], address: str |
     final checkpoint. A failed run ends its MLflow run as FAILED and raises."""
     import ray
 
-    from pertscale.tracking import RunLogger, resolve_tracking_uri
+    from pertscale.tracking import RunLogger, check_tracking_uri, resolve_tracking_uri
     from pertscale.training.loop import train_loop_per_worker
 
     tr = job.trainer
     backend = resolve_backend(job.engine, tr.use_gpu)
     run_name = tr.run_name or new_run_name(job.model.name)
+    check_tracking_uri(job.tracking)  # a typo is refused before the store check and the cluster
     if tr.verify_store != "off":
         verify_before_training(job.data.store_uri, tr.verify_store)
     init_ray(tr, address)
