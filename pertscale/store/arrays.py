@@ -3,7 +3,8 @@
 A sharded zarr array is cheapest to write one whole shard at a time: every shard file is written
 exactly once (no read-modify-write), its sha256 is taken right after the write and goes into the
 store's manifest. `AppendArray` buffers appended values until a shard is full; memory stays
-bounded by one shard (plus the one being written) per array.
+bounded by one shard (plus the one being written) per array. `StringArray` does the same for
+AnnData's string arrays, one chunk file at a time.
 """
 
 from __future__ import annotations
@@ -15,9 +16,18 @@ import numpy as np
 import pandas as pd
 import tensorstore as ts
 
-from pertscale.store.format import DEFAULT_COMPRESSION_LEVEL, array_spec, shard_key
+from pertscale.store.format import (
+    DEFAULT_COMPRESSION_LEVEL,
+    anndata_encoding,
+    array_spec,
+    encode_string_chunk,
+    group_meta,
+    shard_key,
+    string_array_meta,
+    write_json,
+)
 
-__all__ = ["AppendArray", "ColumnSink"]
+__all__ = ["AppendArray", "ColumnSink", "StringArray"]
 
 
 class AppendArray:
@@ -25,7 +35,8 @@ class AppendArray:
 
     def __init__(self, kv: ts.KvStore, kv_spec: dict[str, Any], path: str, dtype: Any, *,
                  shard_values: int, chunk_values: int,
-                 compression_level: int = DEFAULT_COMPRESSION_LEVEL, codec: str = "zstd"):
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL, codec: str = "zstd",
+                 attributes: dict[str, Any] | None = None):
         self.path = path
         self.dtype = np.dtype(dtype)
         self.shard_values = shard_values
@@ -36,7 +47,8 @@ class AppendArray:
                              f"chunk_values={chunk_values}")
         spec = array_spec(kv_spec, path, self.dtype, shard_values=shard_values,
                           chunk_values=chunk_values, create=True,
-                          compression_level=compression_level, codec=codec)
+                          compression_level=compression_level, codec=codec,
+                          attributes=attributes)
         self._arr = ts.open(spec).result()
         self._buf = np.empty(shard_values, self.dtype)  # the shard being filled
         self._fill = 0
@@ -102,24 +114,83 @@ class AppendArray:
         return self._written
 
 
+class StringArray:
+    """A 1-D AnnData string array (zarr `string`, vlen-utf8) that grows by `append`; each chunk
+    file is written once, when full, and hashed into the manifest."""
+
+    def __init__(self, kv: ts.KvStore, path: str, *, chunk: int,
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL):
+        self.path = path
+        self._kv = kv
+        self._chunk = chunk
+        self._level = compression_level
+        self._buf: list[np.ndarray] = []
+        self._fill = 0
+        self._chunks = 0
+        self.length = 0
+        self.manifest: list[dict[str, Any]] = []
+
+    def append(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=object).reshape(-1)
+        pos = 0
+        while pos < values.size:
+            take = min(values.size - pos, self._chunk - self._fill)
+            self._buf.append(values[pos:pos + take])
+            self._fill += take
+            pos += take
+            if self._fill == self._chunk:
+                self._write_chunk()
+        self.length += values.size
+
+    def _write_chunk(self) -> None:
+        if not self._fill:
+            return
+        key = shard_key(self.path, self._chunks)
+        blob = encode_string_chunk(np.concatenate(self._buf), self._chunk, self._level)
+        self._kv.write(key, blob).result()
+        self.manifest.append({"key": key, "size": len(blob),
+                              "sha256": hashlib.sha256(blob).hexdigest()})
+        self._chunks += 1
+        self._buf, self._fill = [], 0
+
+    def close(self) -> int:
+        """Write the last chunk and the array's zarr.json; returns the length."""
+        self._write_chunk()
+        write_json(self._kv, f"{self.path}/zarr.json",
+                   string_array_meta(self.length, self._chunk, self._level))
+        return self.length
+
+
 def _json_value(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else v
 
 
-class ColumnSink:
-    """One DataFrame column appended block by block (see the encodings in format.py).
+def _texts(col: pd.Series) -> np.ndarray:
+    """A column's values as str (missing -> "")."""
+    values = col.to_numpy(dtype=object)
+    return pd.Series(values).where(~pd.isna(values), "").astype(str).to_numpy(object)
 
-    The encoding is fixed by the first block: numbers and bools stay numeric; categoricals keep
-    their categories (new ones seen later are appended); strings become categorical, or stay
-    strings when `strings="string"` (cell ids, gene symbols)."""
+
+class ColumnSink:
+    """One DataFrame column appended block by block, in AnnData's encodings (format v2):
+
+    - numbers and bools: an `array` of their dtype (nullable ints and floats as float64, NaN =
+      missing);
+    - categoricals: a `categorical` group of int32 `codes` (-1 = missing) and `categories`,
+      which keep their source order (new ones seen later are appended);
+    - strings: categorical, or a `string-array` when `strings="string"` (cell ids, gene
+      symbols)."""
 
     def __init__(self, kv: ts.KvStore, kv_spec: dict[str, Any], path: str, first: pd.Series, *,
                  strings: str, shard_values: int, chunk_values: int,
-                 compression_level: int = DEFAULT_COMPRESSION_LEVEL, codec: str = "zstd"):
+                 compression_level: int = DEFAULT_COMPRESSION_LEVEL):
         self.path = path
-        make = lambda sub, dtype: AppendArray(
+        self._kv = kv
+        self._level = compression_level
+        self._table_chunk = chunk_values
+        self._make = lambda sub, dtype: AppendArray(
             kv, kv_spec, sub, dtype, shard_values=shard_values, chunk_values=chunk_values,
-            compression_level=compression_level)
+            compression_level=compression_level, attributes=anndata_encoding("array"))
         dtype = first.dtype
         self.categories: dict[Any, int] = {}
         self.ordered = False
@@ -135,14 +206,12 @@ class ColumnSink:
         else:
             raise ValueError(f"column {path!r} has unsupported dtype {dtype}")
         if self.kind == "numeric":
-            self.values = make(path, self.dtype)
+            self.values = self._make(path, self.dtype)
         elif self.kind == "categorical":
-            self.values = make(path, np.int32)
+            self.values = self._make(f"{path}/codes", np.int32)
         else:
-            self.bytes = make(f"{path}/bytes", np.uint8)
-            self.offsets = make(f"{path}/offsets", np.int64)
-            self.offsets.append(np.zeros(1, np.int64))
-            self._nbytes = 0
+            self.strings = StringArray(kv, path, chunk=chunk_values,
+                                       compression_level=compression_level)
 
     def append(self, col: pd.Series) -> None:
         if self.kind == "numeric":
@@ -153,18 +222,7 @@ class ColumnSink:
         elif self.kind == "categorical":
             self.values.append(self._codes(col))
         else:
-            values = col.to_numpy(dtype=object)
-            texts = pd.Series(values).where(~pd.isna(values), "").astype(str).tolist()
-            joined = "".join(texts)
-            blob = joined.encode("utf-8")
-            if len(blob) == len(joined):  # ASCII: characters are bytes
-                lengths = np.fromiter(map(len, texts), np.int64, len(texts))
-            else:
-                lengths = np.fromiter((len(t.encode("utf-8")) for t in texts), np.int64,
-                                      len(texts))
-            self.bytes.append(np.frombuffer(blob, np.uint8))
-            self.offsets.append(self._nbytes + np.cumsum(lengths))
-            self._nbytes += int(lengths.sum())
+            self.strings.append(_texts(col))
 
     def _codes(self, col: pd.Series) -> np.ndarray:
         cat = col.astype("category") if not isinstance(col.dtype, pd.CategoricalDtype) else col
@@ -175,15 +233,25 @@ class ColumnSink:
         codes = cat.cat.codes.to_numpy()
         return lut[np.where(codes < 0, len(cats), codes)]
 
-    def close(self) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Finish the column; returns (encoding attributes, shard manifest entries)."""
+    def close(self) -> dict[str, list[dict[str, Any]]]:
+        """Finish the column (its arrays and, for a categorical, its group and categories);
+        returns the shard manifest entries of its files, per array."""
         if self.kind == "numeric":
             self.values.close()
-            return {"encoding": "numeric", "dtype": self.dtype.name}, self.values.manifest
-        if self.kind == "categorical":
-            self.values.close()
-            return ({"encoding": "categorical", "categories": list(self.categories),
-                     "ordered": self.ordered}, self.values.manifest)
-        self.bytes.close()
-        self.offsets.close()
-        return {"encoding": "string"}, self.bytes.manifest + self.offsets.manifest
+            return {self.path: self.values.manifest}
+        if self.kind == "string":
+            self.strings.close()
+            return {self.path: self.strings.manifest}
+        self.values.close()
+        cats = pd.Index(list(self.categories))
+        if cats.inferred_type in ("string", "empty"):
+            arr: Any = StringArray(self._kv, f"{self.path}/categories", chunk=self._table_chunk,
+                                   compression_level=self._level)
+            arr.append(cats.to_numpy(object))
+        else:
+            arr = self._make(f"{self.path}/categories", cats.to_numpy().dtype)
+            arr.append(cats.to_numpy())
+        arr.close()
+        write_json(self._kv, f"{self.path}/zarr.json", group_meta(
+            {**anndata_encoding("categorical"), "ordered": self.ordered}))
+        return {self.values.path: self.values.manifest, arr.path: arr.manifest}

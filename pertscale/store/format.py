@@ -1,10 +1,11 @@
-"""Cell store format v1: names, codecs, URIs and the column encodings shared by writer and reader.
+"""Cell store format (v2, reading v1 too): names, codecs, URIs and column encodings shared by
+writer and reader.
 
 The on-disk layout is specified in storage/README.md. Everything that both the writer and the
 reader must agree on lives here: attribute keys, array paths, the zarr v3 codec chain (sharding
 with crc32c on the shard index and on every inner chunk), the tensorstore kvstore spec built from
-a URI (local path, s3://, gs://) and the encodings of DataFrame columns (numeric, categorical,
-string) as zarr arrays.
+a URI (local path, s3://, gs://), the AnnData encodings of format v2 (a v2 store is an AnnData
+zarr store) and the v1 encodings of DataFrame columns, still read.
 """
 
 from __future__ import annotations
@@ -41,11 +42,12 @@ __all__ = [
 
 FORMAT_NAME = "pertscale.cellstore"
 COLLECTION_NAME = "pertscale.collection"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: also an AnnData zarr store; v1 stores stay readable
 
 # Array paths inside a store.
 X_INDPTR, X_INDICES, X_DATA = "X/indptr", "X/indices", "X/data"
-STATS_DIR = "stats"
+STATS_DIR = "uns/pertscale_stats"  # v1: "stats" (a root group AnnData does not know)
+STATS_DIR_V1 = "stats"
 STATS_FIELDS = ("sum", "sum_sq", "nnz", "seurat_sum", "seurat_sum_sq")
 INDEX_COLUMN = "_index"  # the DataFrame index (cell ids / gene ids), stored as a string column
 N_COUNTS = "n_counts"  # per-cell sum of stored values, added to obs by the writer
@@ -63,6 +65,13 @@ DEFAULT_COMPRESSION_LEVEL = 1
 # for local training copies. Tables always use zstd.
 CODECS = ("zstd", "lz4")
 DEFAULT_CODEC = "zstd"
+
+
+# AnnData's on-disk encodings (the AnnData on-disk specification, as anndata 0.12 writes zarr v3).
+def anndata_encoding(kind: str) -> dict[str, str]:
+    """The `encoding-type`/`encoding-version` attributes of an AnnData element of `kind`."""
+    version = {"anndata": "0.1.0", "dict": "0.1.0", "csr_matrix": "0.1.0"}.get(kind, "0.2.0")
+    return {"encoding-type": kind, "encoding-version": version}
 
 
 class StoreError(ValueError):
@@ -227,8 +236,10 @@ def shard_key(array_path: str, index: int) -> str:
 def array_spec(kv_spec: dict[str, Any], path: str, dtype: np.dtype, *, shard_values: int,
                chunk_values: int, create: bool,
                compression_level: int = DEFAULT_COMPRESSION_LEVEL,
-               codec: str = DEFAULT_CODEC) -> dict[str, Any]:
-    """tensorstore spec of a 1-D zarr v3 array under the store root `kv_spec`."""
+               codec: str = DEFAULT_CODEC,
+               attributes: dict[str, Any] | None = None) -> dict[str, Any]:
+    """tensorstore spec of a 1-D zarr v3 array under the store root `kv_spec` (`attributes`:
+    the array's zarr attributes, e.g. its AnnData encoding)."""
     kv = dict(kv_spec)
     kv["path"] = kv_spec.get("path", "") + path + "/"
     spec: dict[str, Any] = {"driver": "zarr3", "kvstore": kv}
@@ -255,6 +266,8 @@ def array_spec(kv_spec: dict[str, Any], path: str, dtype: np.dtype, *, shard_val
             "index_location": "end",
         }}],
     }
+    if attributes:
+        spec["metadata"]["attributes"] = attributes
     spec["create"] = True
     # NOTE: every shard must exist on disk (the manifest hashes each one); by default
     # tensorstore skips chunks equal to the fill value (e.g. all-zero codes).
@@ -262,7 +275,78 @@ def array_spec(kv_spec: dict[str, Any], path: str, dtype: np.dtype, *, shard_val
     return spec
 
 
-# --- column encodings ---------------------------------------------------------------------------
+# --- AnnData string arrays (format v2) ------------------------------------------------------------
+# zarr v3 `string` arrays with the `vlen-utf8` codec, as anndata and zarr-python write them.
+# tensorstore has no string data type, so these chunks are encoded and decoded here, with the
+# codecs zarr-python uses (numcodecs' VLenUTF8 and Zstd, google_crc32c): vlen-utf8 -> zstd ->
+# crc32c, one file per chunk of whole strings (no sharding: tables are small next to X).
+
+
+def string_array_meta(n: int, chunk: int, level: int) -> dict[str, Any]:
+    """zarr.json of a 1-D string array of `n` strings in chunks of `chunk`."""
+    return {"zarr_format": 3, "node_type": "array", "shape": [n], "data_type": "string",
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [chunk]}},
+            "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+            "fill_value": "",
+            "codecs": [{"name": "vlen-utf8", "configuration": {}},
+                       {"name": "zstd", "configuration": {"level": level, "checksum": False}},
+                       {"name": "crc32c"}],
+            "attributes": anndata_encoding("string-array")}
+
+
+def encode_string_chunk(values: np.ndarray, chunk: int, level: int) -> bytes:
+    """One chunk file: `values` (at most `chunk` str, padded with "" as zarr's regular grid
+    wants whole chunks) through vlen-utf8, zstd and crc32c."""
+    import google_crc32c
+    from numcodecs import VLenUTF8, Zstd
+
+    full = np.full(chunk, "", dtype=object)
+    full[:len(values)] = values
+    body = Zstd(level=level).encode(VLenUTF8().encode(full))
+    return bytes(body) + int(google_crc32c.value(bytes(body))).to_bytes(4, "little")
+
+
+def decode_string_chunk(blob: bytes, where: str) -> np.ndarray:
+    """The str of one chunk file (object array); StoreError naming `where` on a bad checksum."""
+    import google_crc32c
+    from numcodecs import VLenUTF8, Zstd
+
+    body = blob[:-4]
+    if len(blob) < 4 or int(google_crc32c.value(body)) != int.from_bytes(blob[-4:], "little"):
+        raise StoreError(f"{where}: checksum mismatch (corrupt chunk; run `pertscale verify`)")
+    return VLenUTF8().decode(Zstd().decode(body))
+
+
+def read_strings(kv: ts.KvStore, path: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """The string array at `path` (object array of str), or only its `rows`: only the chunks
+    that hold them are read, all in flight at once. A missing chunk is a StoreError."""
+    meta = read_json(kv, f"{path}/zarr.json")
+    where = _kv_endpoint(kv) or kv.spec().to_json().get("path", "")
+    if meta is None:
+        raise StoreError(f"{where}: cannot open array {path} ({path}/zarr.json is missing)")
+    if meta.get("data_type") != "string":
+        raise StoreError(f"{where}: cannot read array {path}: it is not a string array")
+    n = int(meta["shape"][0])
+    chunk = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
+    wanted = np.arange(-(-n // chunk)) if rows is None else np.unique(np.asarray(rows) // chunk)
+    futures = [(int(c), kv.read(f"{path}/c/{int(c)}")) for c in wanted]
+    parts = {}
+    for c, fut in futures:
+        res = wait(fut, _kv_endpoint(kv))
+        key = f"{path}/c/{c}"
+        if res.state != "value":
+            raise StoreError(f"{where}: cannot read array {path}: chunk {key} is missing (run "
+                             "`pertscale verify`)")
+        parts[c] = decode_string_chunk(bytes(res.value), f"{where}{key}")
+    if rows is None:
+        out = np.concatenate([parts[int(c)] for c in wanted]) if len(wanted) \
+            else np.zeros(0, object)
+        return out[:n]
+    rows = np.asarray(rows, dtype=np.int64)
+    return np.array([parts[int(r // chunk)][int(r % chunk)] for r in rows], dtype=object)
+
+
+# --- column encodings (format v1) ----------------------------------------------------------------
 # A DataFrame column is one of:
 #   numeric      array `<group>/<name>` of its dtype (bool, ints, floats)
 #   categorical  array `<group>/<name>` of int32 codes (-1 = missing) + categories in group attrs

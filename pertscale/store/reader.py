@@ -23,7 +23,7 @@ from pertscale.store.format import (
     FORMAT_NAME,
     FORMAT_VERSION,
     INDEX_COLUMN,
-    STATS_DIR,
+    STATS_DIR_V1,
     X_DATA,
     X_INDICES,
     X_INDPTR,
@@ -35,6 +35,7 @@ from pertscale.store.format import (
     metadata_keys,
     open_kvstore,
     read_json,
+    read_strings,
     remote_endpoint,
     wait,
 )
@@ -133,7 +134,8 @@ class CsrFuture:
 
 
 class CellStore:
-    """A committed cell store (format v1). Attributes follow the store contract in DESIGN.md."""
+    """A committed cell store (format v2 or v1). Attributes follow the store contract in
+    DESIGN.md."""
 
     def __init__(self, uri: str, attrs: dict[str, Any], *, cache_bytes: int = DEFAULT_CACHE_BYTES,
                  context: ts.Context | None = None):
@@ -143,6 +145,7 @@ class CellStore:
         self.n_genes = int(attrs["n_genes"])
         self.nnz = int(attrs["nnz"])
         self.raw_counts = bool(attrs["raw_counts"])
+        self.format_version = int(attrs.get("format_version", 1))
         self._kv_spec = kvstore_spec(uri)
         self._endpoint = remote_endpoint(self._kv_spec)  # None: local, no time limit
         self._context = context if context is not None else ts.Context(
@@ -230,19 +233,43 @@ class CellStore:
         """The table `group` (obs / var): all columns or only `columns`, with its index (ids)
         or a RangeIndex; only the arrays of what is asked for are read and decoded."""
         attrs = self._table_attrs(group)
-        read = lambda name: self.read_array(f"{group}/{name}")
-        encs = attrs["encodings"]
-        names = list(attrs["columns"]) if columns is None else list(columns)
-        missing = [c for c in names if c not in attrs["columns"]]
+        names = list(self._column_names(group)) if columns is None else list(columns)
+        missing = [c for c in names if c not in self._column_names(group)]
         if missing:
             raise ValueError(f"{group} column(s) {missing} not in store {self.uri}; it has "
-                             f"{list(attrs['columns'])}")
-        cols = {name: decode_column(encs[name], read, name) for name in names}
+                             f"{list(self._column_names(group))}")
+        if self.format_version == 1:
+            read = lambda name: self.read_array(f"{group}/{name}")
+            column = lambda name: decode_column(attrs["encodings"][name], read, name)
+        else:
+            column = lambda name: self._anndata_column(f"{group}/{name}")
+        cols = {name: column(name) for name in names}
         if not index:
             n = self.n_cells if group == "obs" else self.n_genes
             return pd.DataFrame(cols, index=pd.RangeIndex(n))
-        ids = pd.Index(decode_column(encs[INDEX_COLUMN], read, INDEX_COLUMN), dtype=object)
+        ids = pd.Index(column(attrs.get("_index", attrs.get("index", INDEX_COLUMN))),
+                       dtype=object)
         return pd.DataFrame(cols, index=ids)
+
+    def _anndata_column(self, path: str) -> Any:
+        """A column in AnnData's encodings (format v2): array, string-array or categorical."""
+        kv = open_kvstore(self.uri)
+        meta = read_json(kv, f"{path}/zarr.json")
+        if meta is None:
+            raise StoreError(f"store {self.uri}: cannot open array {path} ({path}/zarr.json is "
+                             "missing)")
+        kind = meta.get("attributes", {}).get("encoding-type")
+        if kind == "array":
+            return self.read_array(path)
+        if kind == "string-array":
+            return read_strings(kv, path)
+        if kind == "categorical":
+            codes = self._anndata_column(f"{path}/codes").astype(np.int32, copy=False)
+            categories = pd.Index(self._anndata_column(f"{path}/categories"))
+            return pd.Categorical.from_codes(codes, categories=categories,
+                                             ordered=bool(meta["attributes"].get("ordered")))
+        raise StoreError(f"store {self.uri}: {path} has encoding {kind!r}, which pertscale "
+                         "does not read (array, string-array, categorical)")
 
     def _table_attrs(self, group: str) -> dict[str, Any]:
         meta = read_json(open_kvstore(self.uri), f"{group}/zarr.json")
@@ -250,10 +277,14 @@ class CellStore:
             raise StoreError(f"store {self.uri}: {group}/zarr.json is missing")
         return meta["attributes"]
 
+    def _column_names(self, group: str) -> list[str]:
+        attrs = self._table_attrs(group)
+        return list(attrs["columns"] if self.format_version == 1 else attrs["column-order"])
+
     @functools.cached_property
     def obs_column_names(self) -> list[str]:
         """Names of the obs columns (from obs/zarr.json; nothing decoded)."""
-        return list(self._table_attrs("obs")["columns"])
+        return self._column_names("obs")
 
     def read_obs(self, columns: list[str] | None = None, *, index: bool = True) -> pd.DataFrame:
         """obs with only `columns` (None = all), and without the cell ids when not `index`:
@@ -277,7 +308,8 @@ class CellStore:
     def read_stats(self) -> dict[str, np.ndarray]:
         """Per-gene statistics accumulated at ingest (see stats/zarr.json for definitions)."""
         fields = ("sum", "sum_sq", "nnz", "seurat_sum", "seurat_sum_sq")
-        return {f: self.read_array(f"{STATS_DIR}/{f}") for f in fields}
+        where = self.attrs.get("stats", STATS_DIR_V1)
+        return {f: self.read_array(f"{where}/{f}") for f in fields}
 
     def gene_stats(self) -> pd.DataFrame:
         """Per-gene sum, sum of squares and nonzero count of the stored values."""

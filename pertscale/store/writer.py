@@ -32,7 +32,6 @@ from typing import Any, Self
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import tensorstore as ts
 
 import pertscale
 from pertscale.store.arrays import AppendArray, ColumnSink
@@ -52,7 +51,7 @@ from pertscale.store.format import (
     X_INDICES,
     X_INDPTR,
     StoreError,
-    array_spec,
+    anndata_encoding,
     content_fingerprint,
     group_meta,
     kvstore_spec,
@@ -60,6 +59,7 @@ from pertscale.store.format import (
     metadata_keys,
     open_kvstore,
     read_json,
+    read_strings,
     write_json,
 )
 from pertscale.store.unique import IdHashes
@@ -196,10 +196,11 @@ class StoreWriter:
     def _start(self, chunk_values: int, shard_values: int, codec: str) -> None:
         self._kv = open_kvstore(str(self._path))
         self._kv_spec = kvstore_spec(str(self._path))
-        self._root_attrs = {"pertscale_format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                            "complete": False, "source": self.source}
+        self._root_attrs = {**anndata_encoding("anndata"), "pertscale_format": FORMAT_NAME,
+                            "format_version": FORMAT_VERSION, "complete": False,
+                            "source": self.source}
         write_json(self._kv, "zarr.json", group_meta(self._root_attrs))
-        for group in ("X", "obs", "var", STATS_DIR):
+        for group in ("X", "obs", "var", "uns", STATS_DIR):
             write_json(self._kv, f"{group}/zarr.json", group_meta())
         self._chunk = chunk_values
         # obs/var columns, indptr and statistics: smaller shards, still whole inner chunks
@@ -226,11 +227,12 @@ class StoreWriter:
         self._closed = False
 
     def _array(self, path: str, dtype: Any, *, table: bool = False,
-               shard_values: int | None = None, codec: str = DEFAULT_CODEC) -> AppendArray:
+               shard_values: int | None = None, codec: str = DEFAULT_CODEC,
+               attributes: dict[str, Any] | None = None) -> AppendArray:
         return AppendArray(self._kv, self._kv_spec, path, dtype,
                            shard_values=self._table_shard if table else shard_values,
                            chunk_values=self._table_chunk if table else self._chunk,
-                           compression_level=self._level, codec=codec)
+                           compression_level=self._level, codec=codec, attributes=attributes)
 
     def _sink(self, group: str, name: str, first: pd.Series, strings: str) -> ColumnSink:
         return ColumnSink(self._kv, self._kv_spec, f"{group}/{name}", first, strings=strings,
@@ -353,9 +355,8 @@ class StoreWriter:
         for arr in (self._indptr, self._indices, self._data):
             arr.close()
             manifest[arr.path] = arr.manifest
-        obs_enc = {}
-        for name, sink in self._obs.items():
-            obs_enc[name], manifest[sink.path] = sink.close()
+        for sink in self._obs.values():
+            manifest.update(sink.close())
         self._check_unique_ids()
         if self.empty_cells:
             log.warning("%s%d of %d cells have no nonzero value (kept; their size factor is 0: "
@@ -365,19 +366,22 @@ class StoreWriter:
             log.warning("%severy stored value is an integer: these look like raw counts, not "
                         "normalised values; if they are counts, ingest with --values raw_counts "
                         "(size factors, the negative binomial likelihood)", self._label)
-        var_enc = self._write_var(manifest)
+        self._write_var(manifest)
         for name, values in self._stats.items():
-            arr = self._array(f"{STATS_DIR}/{name}", values.dtype, table=True)
+            arr = self._array(f"{STATS_DIR}/{name}", values.dtype, table=True,
+                              attributes=anndata_encoding("array"))
             arr.append(values)
             arr.close()
             manifest[arr.path] = arr.manifest
-        write_json(self._kv, "obs/zarr.json", group_meta(
-            {"columns": self._obs_columns, "index": INDEX_COLUMN, "encodings": obs_enc}))
+        # NOTE: the group documents of AnnData's on-disk specification (format v2)
+        write_json(self._kv, "X/zarr.json", group_meta(
+            {**anndata_encoding("csr_matrix"), "shape": [self.n_cells, self.n_genes]}))
+        write_json(self._kv, "obs/zarr.json", group_meta(_dataframe_attrs(self._obs_columns)))
         write_json(self._kv, "var/zarr.json", group_meta(
-            {"columns": [str(c) for c in self.var.columns], "index": INDEX_COLUMN,
-             "encodings": var_enc}))
+            _dataframe_attrs([str(c) for c in self.var.columns])))
+        write_json(self._kv, "uns/zarr.json", group_meta(anndata_encoding("dict")))
         write_json(self._kv, f"{STATS_DIR}/zarr.json", group_meta(
-            {"fields": list(self._stats), "seurat_values":
+            {**anndata_encoding("dict"), "fields": list(self._stats), "seurat_values":
              f"normalize_total(target_sum={SEURAT_TARGET_SUM:g})" if self.raw_counts
              else "expm1(X)", "seurat_target_sum": SEURAT_TARGET_SUM}))
         metadata = {key: hashlib.sha256(bytes(self._kv.read(key).result().value)).hexdigest()
@@ -404,27 +408,18 @@ class StoreWriter:
         self._id_hashes.close()
         if rows.size == 0:
             return
-        arr = lambda name, dtype: ts.open(array_spec(
-            self._kv_spec, f"obs/{INDEX_COLUMN}/{name}", dtype, shard_values=1, chunk_values=1,
-            create=False), open=True, read=True).result()
-        offsets, data = arr("offsets", np.int64), arr("bytes", np.uint8)
-        starts = offsets.oindex[rows].read().result()
-        stops = offsets.oindex[rows + 1].read().result()
-        reads = [data[a:b].read() for a, b in zip(starts.tolist(), stops.tolist())]
-        ids = pd.Index([bytes(r.result()).decode("utf-8") for r in reads])
+        ids = pd.Index(read_strings(self._kv, f"obs/{INDEX_COLUMN}", rows))
         if ids.has_duplicates:
             _refuse_duplicates(self._label, ids[ids.duplicated(keep=False)])
 
-    def _write_var(self, manifest: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-        enc = {}
+    def _write_var(self, manifest: dict[str, list[dict[str, Any]]]) -> None:
         var = self.var
         columns = [(INDEX_COLUMN, pd.Series(var.index.astype(str)))]
         columns += [(str(c), var[c].reset_index(drop=True)) for c in var.columns]
         for name, col in columns:
             sink = self._sink("var", name, col, "string")
             sink.append(col)
-            enc[name], manifest[sink.path] = sink.close()
-        return enc
+            manifest.update(sink.close())
 
     def __enter__(self) -> Self:
         return self
@@ -447,6 +442,11 @@ class StoreWriter:
             self._id_hashes.close()
         if self._replacing is not None and self._path.exists():
             shutil.rmtree(self._path, ignore_errors=True)
+
+
+def _dataframe_attrs(columns: list[str]) -> dict[str, Any]:
+    """Attributes of an obs/var group: AnnData's dataframe encoding (ids in `_index`)."""
+    return {**anndata_encoding("dataframe"), "_index": INDEX_COLUMN, "column-order": columns}
 
 
 def _refuse_duplicates(label: str, duplicated: pd.Index) -> None:

@@ -29,7 +29,9 @@ def test_good_store_verifies(store_path):
     assert report.num_shards > 10
 
 
-@pytest.mark.parametrize("key", ["X/data/c/3", "X/indices/c/0", "obs/c/c/0", "stats/sum/c/0"])
+@pytest.mark.parametrize("key", ["X/data/c/3", "X/indices/c/0", "obs/c/codes/c/0",
+                                 "obs/c/categories/c/0", "obs/_index/c/0",
+                                 "uns/pertscale_stats/sum/c/0"])
 def test_flipped_byte_named(store_path, key):
     shard = store_path / key
     blob = bytearray(shard.read_bytes())
@@ -93,22 +95,50 @@ def test_deleted_shard_makes_reads_raise_naming_it(store_path):
     store = open_store(store_path)
     with pytest.raises(StoreError, match=r"reading cells \[0, 400\).*X/data/c/2.*missing"):
         store.read_csr(0, 400)
-    (store_path / "obs/c/c/0").unlink()
-    with pytest.raises(StoreError, match=r"cannot read array obs/c"):
+    (store_path / "obs/_index/c/0").unlink()
+    with pytest.raises(StoreError, match=r"cannot read array obs/_index: chunk obs/_index/c/0 "
+                                         r"is missing"):
+        _ = open_store(store_path).obs
+    (store_path / "obs/c/codes/c/0").unlink()
+    with pytest.raises(StoreError, match=r"cannot read array obs/c/codes"):
+        _ = open_store(store_path).read_obs(["c"], index=False)
+
+
+def test_a_flipped_byte_in_a_string_chunk_fails_its_read(store_path):
+    """AnnData string arrays (ids, categories) carry crc32c like every other chunk."""
+    chunk = store_path / "obs/c/categories/c/0"
+    blob = bytearray(chunk.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    chunk.write_bytes(bytes(blob))
+    with pytest.raises(StoreError, match=r"obs/c/categories/c/0: checksum mismatch"):
         _ = open_store(store_path).obs
 
 
 def test_edited_obs_metadata_changes_fingerprint_and_fails_verify(store_path):
+    """An edited document (here: a categorical made ordered, which changes what is read)
+    changes the fingerprint and is named by verify."""
     before = open_store(store_path).fingerprint
-    doc = store_path / "obs/zarr.json"
+    doc = store_path / "obs/c/zarr.json"
     text = doc.read_text()
-    assert '"a"' in text
-    doc.write_text(text.replace('"a"', '"renamed"'))
+    assert '"ordered": false' in text
+    doc.write_text(text.replace('"ordered": false', '"ordered": true'))
     store = open_store(store_path)
-    assert set(store.obs["c"].cat.categories) == {"renamed", "b"}
+    assert store.obs["c"].cat.ordered
     assert store.fingerprint != before
     assert verify_store(store_path).problems == [
-        "metadata document obs/zarr.json was changed after the commit (sha256 mismatch)"]
+        "metadata document obs/c/zarr.json was changed after the commit (sha256 mismatch)"]
+
+
+def test_renamed_categories_fail_verify(store_path):
+    """Categories are data in format v2 (AnnData's categorical: a string array): renaming
+    them, even with valid chunk checksums, is a content change that verify names."""
+    from pertscale.store.format import encode_string_chunk
+
+    chunk = store_path / "obs/c/categories/c/0"
+    chunk.write_bytes(encode_string_chunk(np.array(["z", "b"], object), 64, 1))
+    assert set(open_store(store_path).obs["c"].cat.categories) == {"z", "b"}
+    assert verify_store(store_path).problems == [
+        "array obs/c/categories: shard obs/c/categories/c/0 is corrupt (sha256 mismatch)"]
 
 
 def test_edited_root_attribute_fails_verify(store_path):
