@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stats": ("pertscale.store.commands:stats_main", "size factors and highly variable genes from stored statistics"),
     "verify": ("pertscale.store.commands:verify_main", "check every shard of a store against its checksums"),
     "info": ("pertscale.store.commands:info_main", "print a store's metadata"),
+    "migrate": ("pertscale.store.commands:migrate_main", "rewrite a format-v1 store as format v2 (AnnData-compatible), X not recompressed"),
+    "export": ("pertscale.store.export:export_main", "write cells of a store (a subset) as .h5ad, in bounded memory"),
     "pretrain": ("pertscale.training.commands:pretrain_main", "pretrain a model with DeepSpeed ZeRO on Ray Train"),
     "finetune": ("pertscale.training.finetune:finetune_main", "fine-tune a perturbation model (gears) on paired cells, register and evaluate it"),
     "fit": ("pertscale.eval.commands:fit_main", "fit a closed-form perturbation model (genepert) on the Ray cluster"),

@@ -1,4 +1,5 @@
-"""CLI entries: `pertscale ingest | stats | verify | info` (each takes argv, returns an exit code)."""
+"""CLI entries: `pertscale ingest | stats | verify | info | migrate` (each takes argv, returns
+an exit code)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pertscale.store.reader import open_store, read_store_attrs
 from pertscale.store.stats import FLAVORS, highly_variable_genes, size_factors
 from pertscale.store.verify import VERIFY_LEVELS, verify_store
 
-__all__ = ["dir_size", "info_main", "ingest_main", "stats_main", "verify_main"]
+__all__ = ["dir_size", "info_main", "ingest_main", "migrate_main", "stats_main", "verify_main"]
 
 
 def dir_size(path: str | Path) -> int:
@@ -139,6 +140,20 @@ def verify_main(argv: list[str]) -> int:
         print(f"pertscale verify: {problem}", file=sys.stderr)
     print(f"FAILED: {args.store}: {len(report.problems)} problem(s)", file=sys.stderr)
     return 1
+
+
+def migrate_main(argv: list[str]) -> int:
+    from pertscale.store.migrate import migrate
+
+    p = argparse.ArgumentParser(prog="pertscale migrate", description=(
+        "Rewrite a format-v1 store (or every member of a collection) as format v2, which "
+        "anndata and scanpy open: X's shard files are kept as they are (hard links), the "
+        "tables are rewritten; the old store is replaced only once the new one is committed."))
+    p.add_argument("store")
+    args = p.parse_args(argv)
+    for line in migrate(args.store):
+        print(line)
+    return 0
 
 
 def info_main(argv: list[str]) -> int:

@@ -207,10 +207,7 @@ class StoreWriter:
         self._table_shard = max(1, min(shard_values, TABLE_SHARD_VALUES) // chunk_values) \
             * chunk_values
         self._table_chunk = min(chunk_values, self._table_shard)
-        self._indptr = self._array(X_INDPTR, np.int64, table=True)
-        self._indices = self._array(X_INDICES, np.int32, shard_values=shard_values, codec=codec)
-        self._data = self._array(X_DATA, np.float32, shard_values=shard_values, codec=codec)
-        self._indptr.append(np.zeros(1, np.int64))
+        self._open_x(shard_values, codec)
         self.n_cells = 0
         self.nnz = 0
         self.empty_cells = 0  # cells without a nonzero value (kept; said at close)
@@ -225,6 +222,21 @@ class StoreWriter:
         # duplicate cell ids across blocks are found at close (memory bounded: see unique.py)
         self._id_hashes = IdHashes(self._path / ID_SCRATCH)
         self._closed = False
+
+    def _open_x(self, shard_values: int, codec: str) -> None:
+        """The CSR arrays of X, empty (a migration links the old store's instead)."""
+        self._indptr = self._array(X_INDPTR, np.int64, table=True)
+        self._indices = self._array(X_INDICES, np.int32, shard_values=shard_values, codec=codec)
+        self._data = self._array(X_DATA, np.float32, shard_values=shard_values, codec=codec)
+        self._indptr.append(np.zeros(1, np.int64))
+
+    def _close_x(self) -> dict[str, list[dict[str, Any]]]:
+        """Finish the CSR arrays of X; their shard manifest."""
+        manifest = {}
+        for arr in (self._indptr, self._indices, self._data):
+            arr.close()
+            manifest[arr.path] = arr.manifest
+        return manifest
 
     def _array(self, path: str, dtype: Any, *, table: bool = False,
                shard_values: int | None = None, codec: str = DEFAULT_CODEC,
@@ -261,15 +273,18 @@ class StoreWriter:
         if self._obs_columns is not None and got != self._obs_columns[:-1]:
             raise ValueError(f"{self._label}obs columns {got} differ from the first "
                              f"block's {self._obs_columns[:-1]}")
-        n = csr.shape[0]
-        self._id_hashes.add(pd.util.hash_array(obs.index.astype(str).to_numpy(object)))
         row_sums = np.asarray(csr.sum(axis=1, dtype=np.float64)).reshape(-1)
         self.empty_cells += int(np.count_nonzero(np.diff(csr.indptr) == 0))
         self._accumulate(csr, row_sums)
         self._indices.append(csr.indices.astype(np.int32, copy=False))
         self._data.append(csr.data.astype(np.float32, copy=False))
         self._indptr.append(self.nnz + csr.indptr[1:].astype(np.int64))
-        obs = obs.assign(**{N_COUNTS: row_sums})
+        self.nnz += csr.nnz
+        self._append_obs(obs.assign(**{N_COUNTS: row_sums}))
+
+    def _append_obs(self, obs: pd.DataFrame) -> None:
+        """The obs rows of cells just written to X (n_counts included)."""
+        self._id_hashes.add(pd.util.hash_array(obs.index.astype(str).to_numpy(object)))
         if self._obs_columns is None:
             self._obs_columns = [str(c) for c in obs.columns]  # n_counts last
             self._obs[INDEX_COLUMN] = self._sink("obs", INDEX_COLUMN,
@@ -279,8 +294,7 @@ class StoreWriter:
         self._obs[INDEX_COLUMN].append(pd.Series(obs.index.astype(str)))
         for c in self._obs_columns:
             self._obs[c].append(obs[c])
-        self.n_cells += n
-        self.nnz += csr.nnz
+        self.n_cells += len(obs)
 
     def validate(self, block: Any, obs: pd.DataFrame | None, *,
                  first_row: int) -> tuple[sp.csr_matrix, pd.DataFrame]:
@@ -351,10 +365,7 @@ class StoreWriter:
         self._closed = True
         if self.n_cells == 0:
             raise ValueError(f"{self._label}no cells were written to {self.uri}")
-        manifest: dict[str, list[dict[str, Any]]] = {}
-        for arr in (self._indptr, self._indices, self._data):
-            arr.close()
-            manifest[arr.path] = arr.manifest
+        manifest = self._close_x()
         for sink in self._obs.values():
             manifest.update(sink.close())
         self._check_unique_ids()
