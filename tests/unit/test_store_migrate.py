@@ -43,8 +43,8 @@ def test_v1_to_v2_keeps_every_value_and_the_bytes_of_x(tmp_path):
     old = contents(v1)
     x_files = {e["key"]: sha(path / e["key"]) for a in ("X/indptr", "X/indices", "X/data")
                for e in v1.attrs["manifest"][a]}
-    assert migrate(path) == [f"{path}: format v1 -> v2 (X linked, not recompressed; tables "
-                             "rewritten)"]
+    said = f"{path}: format v1 -> v2 (X linked, not recompressed; tables rewritten)"
+    assert migrate(path) == [said]
     v2 = open_store(path)
     assert v2.format_version == 2
     assert_same_cells(old, contents(v2))
