@@ -144,3 +144,46 @@ def test_a_v1_store_stays_readable():
     np.testing.assert_allclose(np.asarray(x.sum(1)).ravel(), obs["n_counts"].to_numpy())
     np.testing.assert_allclose(store.read_stats()["sum"], np.asarray(x.sum(0)).ravel())
     assert list(store.var.columns) == ["gene_symbol", "chrom"]
+
+
+def test_export_writes_the_selected_cells_and_genes_as_h5ad(v2_store, tmp_path):
+    from pertscale.store.export import export_h5ad
+
+    store = open_store(v2_store)
+    out = tmp_path / "klf1.h5ad"
+    genes = "SYM5,ENSG00000000002,SYM77"
+    assert export_h5ad(v2_store, out, cells="perturbation=KLF1,ÉGR1", genes=genes,
+                       block_cells=50) == (int(store.obs["perturbation"].isin(["KLF1", "ÉGR1"])
+                                                .sum()), 3)
+    adata = ad.read_h5ad(out)
+    rows = np.flatnonzero(store.obs["perturbation"].isin(["KLF1", "ÉGR1"]).to_numpy())
+    assert list(adata.var.index) == ["ENSG00000000005", "ENSG00000000002", "ENSG00000000077"]
+    expected = store.read_csr(0, store.n_cells)[rows][:, [5, 2, 77]]
+    assert sp.issparse(adata.X) and (adata.X != expected).nnz == 0
+    pd.testing.assert_frame_equal(adata.obs, store.obs.iloc[rows], check_index_type=False)
+    assert adata.uns["pertscale_export"]["fingerprint"] == store.attrs["fingerprint"]
+
+    whole = tmp_path / "all.h5ad"
+    export_h5ad(v2_store, whole, cells="10:400", block_cells=64)
+    back = ad.read_h5ad(whole)
+    assert (back.X != store.read_csr(10, 400)).nnz == 0 and back.n_vars == store.n_genes
+    with pytest.raises(FileExistsError, match="all.h5ad exists; pass --overwrite"):
+        export_h5ad(v2_store, whole)
+    with pytest.raises(ValueError, match=r"not in store .*\['NOPE'\]"):
+        export_h5ad(v2_store, tmp_path / "x.h5ad", genes="SYM1,NOPE")
+    with pytest.raises(ValueError, match="obs column 'perturbation' has no value"):
+        export_h5ad(v2_store, tmp_path / "x.h5ad", cells="perturbation=MYC")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all.h5ad", "klf1.h5ad"]
+
+
+def test_export_and_migrate_commands(v2_store, tmp_path, capsys):
+    from pertscale.cli import main
+
+    out = tmp_path / "first.h5ad"
+    assert main(["export", str(v2_store), "--out", str(out), "--cells", "0:7"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}: 7 cells x 120 genes"
+    assert ad.read_h5ad(out).shape == (7, 120)
+    assert main(["export", str(v2_store), "--out", str(tmp_path / "b.h5ad"), "--cells", "7:3"]) == 1
+    assert "--cells '7:3': expected START:STOP within [0, 500]" in capsys.readouterr().err
+    assert main(["migrate", str(v2_store)]) == 0
+    assert capsys.readouterr().out.strip() == f"{v2_store}: already format v2"
