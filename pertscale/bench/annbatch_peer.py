@@ -8,7 +8,9 @@ and label. As annbatch's users do, it writes the source as an .h5ad and then ann
 pre-shuffled collection from it (`DatasetCollection.add_adatas`, annbatch's defaults: shuffled,
 blosc-lz4) in a `--write-only` run; each loader run then times annbatch's `Loader` with
 shuffled chunks over the collection, appends every batch's source rows to `--batches-out`
-(int64) and prints one JSON object on stdout.
+(int64) and prints one JSON object on stdout. With `--anndata-store STORE`, the loader run
+reads a pertscale store (format v2, an AnnData zarr store) directly instead, the very files our
+loader reads, and writes the batches' store rows.
 """
 
 from __future__ import annotations
@@ -62,15 +64,21 @@ def _write(npy_dir: Path, store_dir: Path, seed: int) -> tuple[float, float]:
 
 
 def _run(store_dir: Path, *, batch_size: int, chunk_size: int, preload_nchunks: int,
-         max_batches: int, seed: int, batches_out: Path) -> dict:
+         max_batches: int, seed: int, batches_out: Path, anndata_store: Path | None) -> dict:
     import anndata as ad
     import numpy as np
+    import zarr
     from annbatch import DatasetCollection, Loader
     from annbatch.samplers import RandomSampler
 
-    collection = DatasetCollection(store_dir, mode="r")
-    # batch["index"] is the position over the datasets in the order added, the order of obs()
-    source_row = collection.obs(columns=["source_row"])["source_row"].to_numpy(np.int64)
+    if anndata_store is None:
+        collection = DatasetCollection(store_dir, mode="r")
+        # batch["index"] is the position over the datasets in the order added, as in obs()
+        source_row = collection.obs(columns=["source_row"])["source_row"].to_numpy(np.int64)
+        groups = list(collection)
+    else:  # one AnnData zarr store: batch["index"] is its row
+        groups = [zarr.open_group(anndata_store, mode="r")]
+        source_row = np.arange(groups[0]["X"].attrs["shape"][0], dtype=np.int64)
     sampler = RandomSampler(chunk_size=chunk_size, preload_nchunks=preload_nchunks,
                             batch_size=batch_size, drop_last=True,
                             rng=np.random.default_rng(seed))
@@ -86,7 +94,7 @@ def _run(store_dir: Path, *, batch_size: int, chunk_size: int, preload_nchunks: 
 
     sampler.sample = recording
     loader = Loader(batch_sampler=sampler, return_index=True, preload_to_gpu=False)
-    for group in collection:
+    for group in groups:
         loader.add_dataset(ad.io.sparse_dataset(group["X"]))
     cells = nnz = 0
     batch_index, sizes = [], []
@@ -122,6 +130,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-batches", type=int, default=10**9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batches-out", type=Path)
+    p.add_argument("--anndata-store", type=Path,
+                   help="read this AnnData zarr store (a pertscale v2 store) instead")
     p.add_argument("--write-only", action="store_true",
                    help="write the collection and exit (the loader runs measure only reading)")
     args = p.parse_args(argv)
@@ -136,7 +146,8 @@ def main(argv: list[str]) -> int:
         p.error("--batches-out is required for a loader run")
     result = _run(args.store_dir, batch_size=args.batch_size, chunk_size=args.chunk_size,
                   preload_nchunks=args.preload_nchunks, max_batches=args.max_batches,
-                  seed=args.seed, batches_out=args.batches_out)
+                  seed=args.seed, batches_out=args.batches_out,
+                  anndata_store=args.anndata_store)
     result.update(annbatch_version=annbatch.__version__,
                   chunk_size=args.chunk_size, preload_nchunks=args.preload_nchunks,
                   batch_size=args.batch_size)

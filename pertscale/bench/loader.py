@@ -22,7 +22,9 @@ then measures, in one run and on the same cells:
   grid's first entry) run by `--peer-python` (annbatch needs Python >= 3.12) over annbatch's own
   pre-shuffled collection, written by annbatch from the same cells in their source order (as
   .h5ad, then `DatasetCollection.add_adatas`); the ratio ours / annbatch, at the same setting and
-  at equal randomness.
+  at equal randomness; and annbatch reading our store itself (format v2 is an AnnData zarr
+  store: `anndata.io.sparse_dataset` of its X), the very same files as our loader, at the
+  same setting.
 
 Every loader run is a fresh process; the rows are repeated `--repeats` times, interleaved, and
 the table gives the best run (least disturbed by other load on a shared machine) with the median
@@ -239,10 +241,12 @@ def export_source_npy(uri: str, out_dir: Path, positions: np.ndarray,
 
 def run_peer(peer: str, python: str, work: Path, *, seed: int,
              batches_path: Path | None = None, batch_size: int = 0, block_size: int = 0,
-             buffer_blocks: int = 0, max_batches: int = 0) -> dict[str, Any]:
+             buffer_blocks: int = 0, max_batches: int = 0,
+             our_store: str | None = None) -> dict[str, Any]:
     """The peer over its own collection of the source exported to work/npy: without
     `batches_path`, writing the collection (once, in its own process, so that the loader runs'
-    peak RSS is their own); with it, one loader run whose batches' source positions go there."""
+    peak RSS is their own); with it, one loader run whose batches' source positions go there
+    (with `our_store`, over our store's files instead, the batches' store rows)."""
     if not Path(python).is_file():
         raise ValueError(f"--peer-python {python} does not exist")
     cmd = [python, str(PEERS[peer]), "--npy-dir", str(work / "npy"),
@@ -253,10 +257,18 @@ def run_peer(peer: str, python: str, work: Path, *, seed: int,
         cmd += ["--batch-size", str(batch_size), "--chunk-size", str(block_size),
                 "--preload-nchunks", str(buffer_blocks), "--max-batches", str(max_batches),
                 "--batches-out", str(batches_path)]
+        if our_store is not None:
+            cmd += ["--anndata-store", our_store]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"peer {peer} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def local_store(uri: str) -> bool:
+    from pertscale.store.format import local_path
+
+    return local_path(uri) is not None
 
 
 def add_mixing(run: dict[str, Any], batches_path: Path, *, to_source: np.ndarray | None,
@@ -346,6 +358,9 @@ def print_table(result: dict[str, Any]) -> None:
     peer = result.get("peer")
     if peer:
         row(f"{peer['name']} {peer['chunk_size']}x{peer['preload_nchunks']}", peer)
+    same_files = result.get("peer_on_our_store")
+    if same_files:
+        row(f"{peer['name']} on our store", same_files)
     best = max(ceiling["runs"], key=lambda r: r["cells_per_s"])
     print("ceiling: the fastest read of the whole store over patterns (cells per read x reads "
           "in flight): " + ", ".join(f"{k} {v:,.0f}" for k, v in best["patterns"].items()))
@@ -363,6 +378,11 @@ def print_table(result: dict[str, Any]) -> None:
             print(f"pertscale {cmp['setting']} / {peer['name']} ({text}): "
                   f"{cmp['ratio']:.2f}x cells/s (median {cmp['ratio_median']:.2f}x, "
                   f"per cpu-s {cmp['ratio_cpu']:.2f}x)")
+    if same_files:
+        cmp = result["vs_peer_on_our_store"]
+        print(f"pertscale {cmp['setting']} / {peer['name']} reading our store's files at the "
+              f"same setting: {cmp['ratio']:.2f}x cells/s (median {cmp['ratio_median']:.2f}x, "
+              f"per cpu-s {cmp['ratio_cpu']:.2f}x)")
 
 
 def compare_with_peer(loader_rows: list[dict[str, Any]], peer: dict[str, Any]) -> dict[str, Any]:
@@ -458,6 +478,10 @@ def main(argv: list[str]) -> int:
         block_runs: list[dict[str, Any]] = []
         loader_runs: list[list[dict[str, Any]]] = [[] for _ in grid]
         peer_runs: list[dict[str, Any]] = []
+        same_file_runs: list[dict[str, Any]] = []
+        # NOTE: format v2 stores are AnnData zarr stores: annbatch reads our files directly
+        on_our_store = args.peer == "annbatch" and store.format_version >= 2 \
+            and local_store(uri)
         for rep in range(args.repeats):  # interleaved: each repeat sees similar machine load
             print(f"repeat {rep + 1}/{args.repeats} ...", flush=True)
             ceiling_runs.append(measure_ceiling(uri))
@@ -480,12 +504,25 @@ def main(argv: list[str]) -> int:
                                batches_path=batches_path)
                 peer_runs.append(add_mixing(run, batches_path, to_source=None, labels=labels,
                                             block_size=block))
+                if on_our_store:
+                    run = run_peer(args.peer, args.peer_python, work, batch_size=args.batch_size,
+                                   block_size=block, buffer_blocks=buffer,
+                                   max_batches=args.max_batches, seed=args.seed + rep,
+                                   batches_path=batches_path, our_store=uri)
+                    same_file_runs.append(add_mixing(run, batches_path, to_source=positions,
+                                                     labels=labels, block_size=block))
         result["ceiling"] = summarize(ceiling_runs)
         result["block_reads"] = summarize(block_runs)
         result["loader"] = [summarize(runs) for runs in loader_runs]
         if args.peer:
             result["peer"] = {**summarize(peer_runs), **peer_write, "name": args.peer}
             result["vs_peer"] = compare_with_peer(result["loader"], result["peer"])
+        if same_file_runs:
+            result["peer_on_our_store"] = {**summarize(same_file_runs), "name": args.peer,
+                                           "chunk_size": grid[0][0],
+                                           "preload_nchunks": grid[0][1]}
+            result["vs_peer_on_our_store"] = compare_with_peer(
+                result["loader"], result["peer_on_our_store"])["same_setting"]
         result["load_average_end"] = os.getloadavg()
     print_table(result)
     out = Path(args.out)

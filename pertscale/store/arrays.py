@@ -155,6 +155,8 @@ class StringArray:
 
     def close(self) -> int:
         """Write the last chunk and the array's zarr.json; returns the length."""
+        if self._chunks == 0:  # all of it fits one chunk: exactly its size, no padding
+            self._chunk = max(1, self.length)
         self._write_chunk()
         write_json(self._kv, f"{self.path}/zarr.json",
                    string_array_meta(self.length, self._chunk, self._level))

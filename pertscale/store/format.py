@@ -341,7 +341,7 @@ def read_strings(kv: ts.KvStore, path: str, rows: np.ndarray | None = None) -> n
     if rows is None:
         out = np.concatenate([parts[int(c)] for c in wanted]) if len(wanted) \
             else np.zeros(0, object)
-        return out[:n]
+        return out[:n].copy() if len(out) > n else out  # not a view of the padded chunk
     rows = np.asarray(rows, dtype=np.int64)
     return np.array([parts[int(r // chunk)][int(r % chunk)] for r in rows], dtype=object)
 

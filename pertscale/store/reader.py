@@ -146,10 +146,13 @@ class CellStore:
         self.nnz = int(attrs["nnz"])
         self.raw_counts = bool(attrs["raw_counts"])
         self.format_version = int(attrs.get("format_version", 1))
+        self._tables: dict[str, dict[str, Any]] = {}
         self._kv_spec = kvstore_spec(uri)
         self._endpoint = remote_endpoint(self._kv_spec)  # None: local, no time limit
         self._context = context if context is not None else ts.Context(
             {"cache_pool": {"total_bytes_limit": cache_bytes}})
+        # the store root as a key-value store, in the same context (documents, string chunks)
+        self._kv = wait(ts.KvStore.open(self._kv_spec, context=self._context), self._endpoint)
         self._indices = self._open(X_INDICES)
         self._data = self._open(X_DATA)
         self._indptr = self._open(X_INDPTR)
@@ -165,7 +168,7 @@ class CellStore:
         root attributes with the sha256 of every metadata document recomputed, so an edited
         obs/var/stats document changes it (shard contents are checked by crc32c on every read
         and by `verify`)."""
-        kv = open_kvstore(self.uri)
+        kv = self._kv
         current = {key: hashlib.sha256(bytes(wait(kv.read(key), self._endpoint).value))
                    .hexdigest() for key in metadata_keys(kv)}
         return content_fingerprint({**self.attrs, "metadata": current})
@@ -253,7 +256,7 @@ class CellStore:
 
     def _anndata_column(self, path: str) -> Any:
         """A column in AnnData's encodings (format v2): array, string-array or categorical."""
-        kv = open_kvstore(self.uri)
+        kv = self._kv
         meta = read_json(kv, f"{path}/zarr.json")
         if meta is None:
             raise StoreError(f"store {self.uri}: cannot open array {path} ({path}/zarr.json is "
@@ -272,10 +275,12 @@ class CellStore:
                          "does not read (array, string-array, categorical)")
 
     def _table_attrs(self, group: str) -> dict[str, Any]:
-        meta = read_json(open_kvstore(self.uri), f"{group}/zarr.json")
-        if meta is None:
-            raise StoreError(f"store {self.uri}: {group}/zarr.json is missing")
-        return meta["attributes"]
+        if group not in self._tables:  # a committed store never changes
+            meta = read_json(self._kv, f"{group}/zarr.json")
+            if meta is None:
+                raise StoreError(f"store {self.uri}: {group}/zarr.json is missing")
+            self._tables[group] = meta["attributes"]
+        return self._tables[group]
 
     def _column_names(self, group: str) -> list[str]:
         attrs = self._table_attrs(group)

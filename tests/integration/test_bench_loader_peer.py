@@ -35,5 +35,13 @@ def test_both_loaders_are_compared_at_their_source_order_randomness(tmp_path, ca
     same = result["vs_peer"]["same_setting"]
     assert same["setting"] == "64x16"
     assert same["ratio"] == pytest.approx(ours[0]["cells_per_s"] / peer["cells_per_s"])
+    # annbatch also reads our store's own files (format v2 is an AnnData zarr store), with
+    # batches as random as on its own collection
+    on_ours = result["peer_on_our_store"]
+    assert on_ours["cells"] == peer["cells"]
+    assert on_ours["labels_ratio"] > 0.95
+    assert result["vs_peer_on_our_store"]["ratio"] == pytest.approx(
+        ours[0]["cells_per_s"] / on_ours["cells_per_s"])
     table = capsys.readouterr().out
     assert "annbatch 64x16" in table and "source blk" in table
+    assert "annbatch on our store" in table

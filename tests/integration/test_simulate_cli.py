@@ -60,6 +60,18 @@ def test_simulate_streams_cells_into_a_store(tmp_path):
     assert store.attrs["simulation"]["n_genes"] == 200
     side = json.loads((tmp_path / "side" / "manifest.json").read_text())
     assert side["store"]["uri"] == store_uri and "cells.h5ad" not in side["files"]
+    # the store is an AnnData zarr store: a scanpy user opens it as it is
+    import warnings
+
+    import anndata
+    import scanpy as sc
+
+    adata = anndata.read_zarr(store_uri)
+    assert adata.shape == (1500, 200) and list(adata.obs.columns) == store.obs_column_names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # scikit-misc's loess notes
+        sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=50)
+    assert int(adata.var["highly_variable"].sum()) == 50
 
 
 def test_simulate_errors_name_the_problem(tmp_path, capsys):

@@ -135,7 +135,7 @@ def test_renamed_categories_fail_verify(store_path):
     from pertscale.store.format import encode_string_chunk
 
     chunk = store_path / "obs/c/categories/c/0"
-    chunk.write_bytes(encode_string_chunk(np.array(["z", "b"], object), 64, 1))
+    chunk.write_bytes(encode_string_chunk(np.array(["z", "b"], object), 2, 1))
     assert set(open_store(store_path).obs["c"].cat.categories) == {"z", "b"}
     assert verify_store(store_path).problems == [
         "array obs/c/categories: shard obs/c/categories/c/0 is corrupt (sha256 mismatch)"]
