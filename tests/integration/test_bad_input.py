@@ -189,6 +189,18 @@ CASES = [
      ["/sys/pertscale-stats: "], {}),
     ("ingest-out-not-permitted", ["ingest", "WORLD/cells.h5ad", "--out", "/sys/pertscale-s"], 1,
      ["/sys/pertscale-s: "], {}),
+    ("export-an-unknown-gene", ["export", "WORLD/store", "--out", "WORLD/sub.h5ad", "--genes",
+                                "NOPE"], 1, ["--genes", "NOPE", "not in store"], {}),
+    ("export-over-a-users-file", ["export", "WORLD/store", "--out", "WORLD/cells.h5ad"], 1,
+     ["WORLD/cells.h5ad exists", "--overwrite"], {}),
+    ("export-into-a-missing-folder", ["export", "WORLD/store", "--out", "WORLD/nowhere/a.h5ad"],
+     1, ["WORLD/nowhere", "does not exist"], {}),
+    ("export-an-unknown-obs-value", ["export", "WORLD/store", "--out", "WORLD/sub.h5ad",
+                                     "--cells", "perturbation=NOPE"], 1,
+     ["perturbation", "NOPE"], {}),
+    ("migrate-a-users-folder", ["migrate", "WORLD/userdir"], 1, ["WORLD/userdir"], {}),
+    ("migrate-a-remote-store", ["migrate", "s3://bucket/store"], 1,
+     ["s3://bucket/store", "migrate rewrites local stores"], {}),
 ]
 
 
