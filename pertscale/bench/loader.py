@@ -62,6 +62,8 @@ from pertscale.data.loader import CellLoader
 from pertscale.data.mixing import batch_mixing
 from pertscale.memory import peak_rss_mb
 from pertscale.paths import make_dir
+from pertscale.store.format import local_path
+from pertscale.store.reader import CellStore
 
 __all__ = ["main", "simulate_counts", "store_blocks"]
 
@@ -263,12 +265,6 @@ def run_peer(peer: str, python: str, work: Path, *, seed: int,
     if proc.returncode != 0:
         raise RuntimeError(f"peer {peer} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def local_store(uri: str) -> bool:
-    from pertscale.store.format import local_path
-
-    return local_path(uri) is not None
 
 
 def add_mixing(run: dict[str, Any], batches_path: Path, *, to_source: np.ndarray | None,
@@ -480,8 +476,8 @@ def main(argv: list[str]) -> int:
         peer_runs: list[dict[str, Any]] = []
         same_file_runs: list[dict[str, Any]] = []
         # NOTE: format v2 stores are AnnData zarr stores: annbatch reads our files directly
-        on_our_store = args.peer == "annbatch" and store.format_version >= 2 \
-            and local_store(uri)
+        on_our_store = (args.peer == "annbatch" and isinstance(store, CellStore)
+                        and store.format_version >= 2 and local_path(uri) is not None)
         for rep in range(args.repeats):  # interleaved: each repeat sees similar machine load
             print(f"repeat {rep + 1}/{args.repeats} ...", flush=True)
             ceiling_runs.append(measure_ceiling(uri))

@@ -10,7 +10,6 @@ only when complete; an existing file is replaced only with `--overwrite`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from pertscale.store.reader import open_store
 
 __all__ = ["BLOCK_CELLS", "export_h5ad", "export_main", "select_cells", "select_genes"]
 
-log = logging.getLogger(__name__)
 BLOCK_CELLS = 8192  # cells read and written at a time
 
 

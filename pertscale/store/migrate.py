@@ -11,7 +11,6 @@ The fingerprint changes (it hashes the new metadata documents); the old one is k
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ from pertscale.store.format import (
     X_INDICES,
     X_INDPTR,
     StoreError,
+    decode_column,
     decode_strings,
     join_uri,
     local_path,
-    open_kvstore,
     read_json,
     write_json,
 )
@@ -39,7 +38,6 @@ from pertscale.store.writer import StoreWriter
 
 __all__ = ["OBS_BLOCK_ROWS", "migrate"]
 
-log = logging.getLogger(__name__)
 OBS_BLOCK_ROWS = 1 << 20  # obs rows read and rewritten at a time (bounded memory)
 # root attributes the writer sets itself; any other v1 attribute is carried over
 _WRITER_KEYS = {"pertscale_format", "format_version", "complete", "source", "n_cells",
@@ -76,7 +74,7 @@ class _Migration(StoreWriter):
 
     def __init__(self, old: CellStore):
         self._old = old
-        meta = read_json(open_kvstore(old.uri), f"{X_DATA}/zarr.json")
+        meta = read_json(old._kv, f"{X_DATA}/zarr.json")
         shard = int(meta["chunk_grid"]["configuration"]["chunk_shape"][0])
         chunk = int(meta["codecs"][0]["configuration"]["chunk_shape"][0])
         source = dict(old.attrs.get("source", {}))
@@ -92,7 +90,7 @@ class _Migration(StoreWriter):
         old_root = Path(local_path(self._old.uri))
         manifest = self._old.attrs["manifest"]
         for array in (X_INDPTR, X_INDICES, X_DATA):
-            doc = read_json(open_kvstore(str(old_root)), f"{array}/zarr.json")
+            doc = read_json(self._old._kv, f"{array}/zarr.json")
             write_json(self._kv, f"{array}/zarr.json", doc)
             for entry in manifest[array]:
                 target = self._path / entry["key"]
@@ -130,12 +128,7 @@ def _v1_obs_rows(store: CellStore, columns: list[str], start: int, stop: int) ->
             offsets = read(f"{name}/offsets", start, stop + 1).astype(np.int64)
             data = read(f"{name}/bytes", int(offsets[0]), int(offsets[-1]))
             return decode_strings(offsets - offsets[0], data)
-        values = read(name, start, stop)
-        if enc["encoding"] == "categorical":
-            return pd.Categorical.from_codes(values.astype(np.int32),
-                                             categories=pd.Index(enc["categories"]),
-                                             ordered=bool(enc.get("ordered", False)))
-        return values.astype(enc["dtype"], copy=False)
+        return decode_column(enc, lambda path: read(path, start, stop), name)
 
     ids = pd.Index(rows("_index"), dtype=object)
     obs = pd.DataFrame({name: rows(name) for name in columns}, index=ids)
