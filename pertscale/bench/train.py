@@ -182,7 +182,8 @@ def run_zero_bench(cfg: ZeroBenchConfig, *, address: str | None = None) -> list[
             result = trainer.fit()
             if result.error is not None:
                 raise result.error
-            rows.extend(json.loads((Path(result.checkpoint.path) / "rows.json").read_text()))
+            with result.checkpoint.as_directory() as out:
+                rows.extend(json.loads((Path(out) / "rows.json").read_text()))
     return rows
 
 

@@ -71,10 +71,19 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return Path(tracking_uri[len("sqlite:///"):])
 
 
-def check_tracking_uri(cfg: TrackingConfig) -> None:
+def check_tracking_uri(cfg: TrackingConfig, address: str | None = None) -> None:
     """Before a job's work: a sqlite tracking URI in a folder that does not exist is a typo (MLflow
     would make the folder and an empty database there); a new database in an existing folder
-    is said."""
+    is said. A job on a running cluster (`address`) logs from a worker that may be on another
+    node, so it needs a tracking server: a file or sqlite URI is refused."""
+    if cfg.enabled and address:
+        uri = resolve_tracking_uri(cfg)
+        if urlparse(uri).scheme in ("", "file", "sqlite"):
+            raise ConfigError(
+                f"tracking URI {uri}: with --address {address}, rank 0 may run on another node, "
+                f"where this file does not exist, and its metrics would be lost; start an MLflow "
+                f"server (`mlflow server --backend-store-uri {uri} --host 0.0.0.0 --port 5000`) "
+                f"and pass --tracking.uri=http://HOST:5000 (or set MLFLOW_TRACKING_URI)")
     db = sqlite_path(cfg.uri) if cfg.enabled else None
     if db is None or db.is_file():
         return

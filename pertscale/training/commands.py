@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pertscale.config import load_config
+from pertscale.paths import storage_root
 from pertscale.tracking.commands import add_alias_argument, with_aliases
-from pertscale.training.checkpoint import MODEL_DIR, read_meta
+from pertscale.training.checkpoint import META_FILE, MODEL_DIR, read_meta
 from pertscale.training.config import PretrainJobConfig
 from pertscale.training.engine import resolve_backend
 from pertscale.training.trainer import (
@@ -29,6 +30,7 @@ from pertscale.training.trainer import (
     fit_with_progress,
     init_ray,
     new_run_name,
+    run_storage_uri,
 )
 
 __all__ = ["Launched", "PretrainResult", "absolute_uri", "launch_training",
@@ -41,16 +43,15 @@ class PretrainResult:
 
     run_name: str
     checkpoint_dir: str
-    """The final checkpoint (engine states, loader/RNG states, model/ with the weights)."""
+    """The final checkpoint (engine states, loader/RNG states, model/ with the weights), where
+    run storage holds it: a local path or an s3:// / gs:// URI."""
     metrics: dict[str, Any]
     """Rank 0's last reported metrics (step, cells, cells_digest, ...)."""
     mlflow_run_id: str | None
     model_uri: str | None
     """models:/pertscale-<model>/<version>, or None when tracking was off or unreachable."""
-
-    @property
-    def model_dir(self) -> Path:
-        return Path(self.checkpoint_dir) / MODEL_DIR
+    model_dir: Path
+    """A local copy of the final weights (model/ of the checkpoint, or the folder itself)."""
 
 
 def _resolve_store(job: PretrainJobConfig) -> tuple[PretrainJobConfig, Any]:
@@ -77,7 +78,11 @@ class Launched:
     """A finished training launch: where its final checkpoint is and its open MLflow run."""
 
     run_name: str
-    checkpoint_dir: Path
+    checkpoint: str
+    """The final checkpoint in run storage: a local path or an s3:// / gs:// URI."""
+    local_dir: Path
+    """A local folder with the final checkpoint's meta.json and model/ (the checkpoint itself
+    when run storage is local)."""
     metrics: dict[str, Any]
     logger: Any
     """The driver's RunLogger (None when tracking is off); the caller ends it."""
@@ -110,13 +115,12 @@ def launch_training(job: Any, *, kind: str, tags: dict[str, str], address: str |
     final checkpoint. A failed run ends its MLflow run as FAILED and raises."""
     import ray
 
-    from pertscale.tracking import RunLogger, check_tracking_uri, resolve_tracking_uri
+    from pertscale.tracking import RunLogger, resolve_tracking_uri
     from pertscale.training.loop import train_loop_per_worker
 
     tr = job.trainer
     backend = resolve_backend(job.engine, tr.use_gpu)
     run_name = tr.run_name or new_run_name(job.model.name)
-    check_tracking_uri(job.tracking)  # a typo is refused before the store check and the cluster
     if tr.verify_store != "off":
         verify_before_training(job.data.store_uri, tr.verify_store)
     init_ray(tr, address)
@@ -146,12 +150,60 @@ def launch_training(job: Any, *, kind: str, tags: dict[str, str], address: str |
         if logger is not None:
             logger.end("FAILED")
         raise result.error
-    ckpt_dir = Path(result.checkpoint.path)
-    meta = read_meta(ckpt_dir)
-    if not meta.get("final"):
-        raise RuntimeError(f"run {run_name} ended without its final checkpoint ({ckpt_dir})")
-    return Launched(run_name=run_name, checkpoint_dir=ckpt_dir,
+    try:
+        uri, local = fetch_final_checkpoint(result.checkpoint, run_name)
+    except BaseException:
+        if logger is not None:
+            logger.end("FAILED")
+        raise
+    return Launched(run_name=run_name, checkpoint=uri, local_dir=local,
                     metrics=dict(result.metrics or {}), logger=logger, run_id=run["run_id"])
+
+
+def fetch_final_checkpoint(checkpoint: Any, run_name: str) -> tuple[str, Path]:
+    """(where the run's final checkpoint is, a local folder with its meta.json and model/).
+
+    The checkpoint is read through Ray's Checkpoint (its filesystem and path), never as a local
+    path: in run storage on an object store (trainer.storage_path=s3://...) only meta.json and
+    model/ are downloaded, into <storage root>/checkpoints/<run>/<checkpoint>; the engine and
+    optimizer states (most of a checkpoint, several times the weights) stay where they are."""
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    fs, path = checkpoint.filesystem, checkpoint.path
+    uri = run_storage_uri(fs, path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        local = Path(path)
+    else:
+        local = storage_root() / "checkpoints" / run_name / PurePosixPath(path).name
+        partial = local.with_name(local.name + ".partial")
+        for ours in (partial, local):  # an earlier (interrupted) download of this checkpoint
+            if ours.exists():
+                shutil.rmtree(ours)
+        partial.mkdir(parents=True)
+        here = pafs.LocalFileSystem()
+
+        def fetch(name: str) -> None:
+            dest = partial / name
+            dest.parent.mkdir(parents=True, exist_ok=True)  # pyarrow makes no local folder
+            pafs.copy_files(f"{path}/{name}", str(dest), source_filesystem=fs,
+                            destination_filesystem=here)
+
+        try:
+            fetch(META_FILE)
+            if read_meta(partial).get("final"):
+                selector = pafs.FileSelector(f"{path}/{MODEL_DIR}", recursive=True)
+                for info in fs.get_file_info(selector):
+                    if info.type == pafs.FileType.File:
+                        fetch(info.path[len(path) + 1:])
+        except OSError as e:
+            raise RuntimeError(f"run {run_name}: reading its final checkpoint {uri} failed: "
+                               f"{e}") from None
+        partial.rename(local)
+    if not read_meta(local).get("final"):
+        raise RuntimeError(f"run {run_name} ended without its final checkpoint ({uri})")
+    return uri, local
 
 
 def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
@@ -159,9 +211,10 @@ def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
     """Pretrain `job` on the Ray cluster at `address` (or an embedded one) and register the
     final weights; see the module docstring."""
     from pertscale.models import get_spec
-    from pertscale.tracking import log_model
+    from pertscale.tracking import check_tracking_uri, log_model
     from pertscale.tracking.registry import load_model_dir
 
+    check_tracking_uri(job.tracking, address)  # before the store and the cluster
     job, store = _resolve_store(job)
     spec = get_spec(job.model.name)
     context, prepared = None, {}
@@ -172,20 +225,21 @@ def run_pretrain(job: PretrainJobConfig, *, address: str | None = None,
                                show_progress=show_progress, context=context,
                                tags={"store_fingerprint": store.fingerprint,
                                      "store_uri": job.data.store_uri})
-    ckpt_dir, logger = launched.checkpoint_dir, launched.logger
+    model_dir, logger = launched.local_dir / MODEL_DIR, launched.logger
     model_uri = None
     if logger is not None:
         if prepared:
             logger.log_params({f"prepared.{k}": v for k, v in prepared.items()})
-        model_uri = log_model(logger, load_model_dir(ckpt_dir / MODEL_DIR),
+        model_uri = log_model(logger, load_model_dir(model_dir),
                               tags={"store_fingerprint": store.fingerprint,
                                     "store_uri": job.data.store_uri, "task": "pretrain",
-                                    "ray_run": launched.run_name, "checkpoint": str(ckpt_dir)},
+                                    "ray_run": launched.run_name,
+                                    "checkpoint": launched.checkpoint},
                               aliases=job.tracking.aliases, register=job.tracking.register)
         logger.end("FINISHED")
-    return PretrainResult(run_name=launched.run_name, checkpoint_dir=str(ckpt_dir),
+    return PretrainResult(run_name=launched.run_name, checkpoint_dir=launched.checkpoint,
                           metrics=launched.metrics, mlflow_run_id=launched.run_id,
-                          model_uri=model_uri)
+                          model_uri=model_uri, model_dir=model_dir)
 
 
 def parse_training_command(kind: str, description: str, argv: list[str]):

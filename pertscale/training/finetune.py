@@ -115,9 +115,10 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
     )
     from pertscale.models import get_spec
     from pertscale.store import open_store
-    from pertscale.tracking import log_model
+    from pertscale.tracking import check_tracking_uri, log_model
     from pertscale.tracking.registry import load_model_dir
 
+    check_tracking_uri(job.tracking, address)  # before the store, the priors and the cluster
     spec = get_spec(job.model.name)
     if not job.data.store_uri:
         raise ConfigError("data.store_uri is empty: pass --data.store_uri=PATH_OR_URI")
@@ -142,7 +143,7 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
                                show_progress=show_progress, tags=lineage)
     logger = launched.logger
     try:
-        exported = load_model_dir(launched.checkpoint_dir / MODEL_DIR)
+        exported = load_model_dir(launched.local_dir / MODEL_DIR)
         predictors = [(ModelPredictor(spec.name, spec.load(exported), data), False)]
         predictors += [(b, True) for b in build_baselines(job.report, None)]
         predictions = run_predictors(predictors, data, split)
@@ -158,7 +159,7 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
             model_uri = log_model(
                 logger, exported,
                 {**lineage, "task": "finetune", "ray_run": launched.run_name,
-                 "checkpoint": str(launched.checkpoint_dir),
+                 "checkpoint": launched.checkpoint,
                  "eval_summary": eval_summary(report, spec.name)},
                 aliases=job.tracking.aliases, register=job.tracking.register)
     except BaseException:
@@ -168,7 +169,7 @@ def run_finetune(job: FinetuneJobConfig, *, address: str | None = None,
     if logger is not None:
         logger.end("FINISHED")
     return FinetuneResult(run_name=launched.run_name,
-                          checkpoint_dir=str(launched.checkpoint_dir), model_uri=model_uri,
+                          checkpoint_dir=launched.checkpoint, model_uri=model_uri,
                           report_path=report.report_path, table=report.table,
                           summary=report.summary, mlflow_run_id=launched.run_id,
                           training=training, init=init_tags)

@@ -13,6 +13,7 @@ failure within a run restarts every worker from the latest checkpoint, up to `ma
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -23,6 +24,10 @@ from pertscale.cluster import start_ray
 from pertscale.config import Config, ConfigError, check_choice, check_range
 from pertscale.paths import storage_root
 
+log = logging.getLogger(__name__)
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+
 __all__ = [
     "ProgressBoard",
     "TrainerConfig",
@@ -31,7 +36,9 @@ __all__ = [
     "fit_with_progress",
     "init_ray",
     "new_run_name",
+    "run_storage",
     "run_storage_path",
+    "run_storage_uri",
     "worker_env",
 ]
 
@@ -88,6 +95,12 @@ class TrainerConfig(Config):
         check_range("log_every", self.log_every, 1)
         check_range("ray_num_cpus", self.ray_num_cpus, 0)
         check_choice("verify_store", self.verify_store, ("metadata", "full", "off"))
+        if self.storage_path.startswith(REMOTE_SCHEMES):
+            scheme, _, rest = self.storage_path.partition("://")
+            if not rest.strip("/") or rest.startswith("/") or "?" in rest:
+                raise ConfigError(f"trainer.storage_path={self.storage_path!r}: give "
+                                  f"{scheme}://BUCKET/PREFIX (endpoint, region and credentials "
+                                  "come from the environment)")
 
 
 def worker_env(use_gpu: bool, torch_threads: int) -> dict[str, str]:
@@ -134,12 +147,60 @@ def check_resources(cfg: TrainerConfig, address: str | None = None) -> None:
 
 def run_storage_path(cfg: TrainerConfig) -> str:
     """Absolute storage path (workers run elsewhere: a relative path would not mean the same)."""
-    if cfg.storage_path.startswith(("s3://", "gs://", "gcs://")):
+    if cfg.storage_path.startswith(REMOTE_SCHEMES):
         return cfg.storage_path
     path = Path(cfg.storage_path) if cfg.storage_path else storage_root() / "runs"
     path = path.resolve()
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def run_storage(cfg: TrainerConfig) -> tuple[str, Any]:
+    """(storage_path, storage_filesystem) of RunConfig. An object store gets a pyarrow filesystem
+    of our own whose every request has PERTSCALE_STORE_TIMEOUT_S (default 60 s) as its limit:
+    the one Ray would make from the URI waits as long as the SDK's defaults say (minutes on an
+    endpoint that does not answer). Credentials, endpoint (AWS_ENDPOINT_URL_S3) and region
+    come from the environment, as for stores."""
+    path = run_storage_path(cfg)
+    if not path.startswith(REMOTE_SCHEMES):
+        return path, None
+    import pyarrow.fs as pafs
+
+    from pertscale.store.format import store_timeout
+
+    scheme, _, rest = path.partition("://")
+    rest = rest.rstrip("/")
+    limit = store_timeout()
+    if scheme == "s3":
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not region and not endpoint:
+            region = pafs.resolve_s3_region(rest.split("/", 1)[0])
+            log.info("trainer.storage_path=%s: bucket region %s (AWS_REGION unset)", path,
+                     region)
+        kwargs: dict[str, Any] = {}
+        if endpoint:  # an S3-compatible server (MinIO, Ceph, moto); pyarrow reads no env for it
+            from urllib.parse import urlparse
+
+            parsed = urlparse(endpoint)
+            kwargs = {"endpoint_override": parsed.netloc or parsed.path,
+                      "scheme": parsed.scheme or "https"}
+        fs = pafs.S3FileSystem(region=region, request_timeout=limit, connect_timeout=limit,
+                               **kwargs)
+    else:
+        from datetime import timedelta
+
+        fs = pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=limit))
+    return rest, fs
+
+
+def run_storage_uri(filesystem: Any, path: str) -> str:
+    """Where a Ray checkpoint (its filesystem and path) lives, as a URI a user can open."""
+    import pyarrow.fs as pafs
+
+    if filesystem is None or isinstance(filesystem, pafs.LocalFileSystem):
+        return path
+    return f"{filesystem.type_name}://{path}"
 
 
 def build_trainer(train_fn, loop_config: dict[str, Any], cfg: TrainerConfig, *, backend: str,
@@ -151,6 +212,7 @@ def build_trainer(train_fn, loop_config: dict[str, Any], cfg: TrainerConfig, *, 
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = 1
+    storage_path, storage_filesystem = run_storage(cfg)
     return TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
@@ -159,7 +221,8 @@ def build_trainer(train_fn, loop_config: dict[str, Any], cfg: TrainerConfig, *, 
                                      resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
-            storage_path=run_storage_path(cfg),
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),

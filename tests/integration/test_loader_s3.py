@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +21,7 @@ from pertscale.data.loader import CellLoader
 
 pytestmark = pytest.mark.integration
 
-BUCKET = "pertscale-test"
-SECRET = "pertscale-dummy-secret-0123456789"
+
 LOADER = {"batch_size": 32, "block_size": 16, "buffer_blocks": 4, "blocks_in_flight": 3,
           "seed": 7}
 
@@ -50,61 +44,22 @@ def write_store(path: Path, n_cells: int = 1003, n_genes: int = 40) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto.server")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(endpoint, timeout=1)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto server did not start on {endpoint}")
-                time.sleep(0.2)
-        client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                              aws_access_key_id="testing", aws_secret_access_key=SECRET)
-        client.create_bucket(Bucket=BUCKET)
-        yield endpoint, client
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def upload(client, root: Path, prefix: str) -> int:
+def upload(client, bucket: str, root: Path, prefix: str) -> int:
     n = 0
     for path in sorted(root.rglob("*")):
         if path.is_file():
-            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(root).as_posix()}")
+            client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(root).as_posix()}")
             n += 1
     return n
 
 
 def test_s3_store_gives_identical_batches(tmp_path, s3_endpoint, monkeypatch):
-    endpoint, client = s3_endpoint
     local = write_store(tmp_path / "cells.zarr")
-    assert upload(client, local, "stores/cells.zarr") > 5
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    uri = f"s3://{BUCKET}/stores/cells.zarr"
+    assert upload(s3_endpoint.client, s3_endpoint.bucket, local, "stores/cells.zarr") > 5
+    for name, value in s3_endpoint.env.items():
+        monkeypatch.setenv(name, value)
+    uri = f"s3://{s3_endpoint.bucket}/stores/cells.zarr"
+    secret = s3_endpoint.secret
 
     for rank in range(2):
         kw = {"rank": rank, "world_size": 2, "obs_columns": ["perturbation"], **LOADER}
@@ -119,16 +74,13 @@ def test_s3_store_gives_identical_batches(tmp_path, s3_endpoint, monkeypatch):
         # credentials come from the environment only: never in the state, config or repr
         for text in (repr(remote), json.dumps(remote.state_dict()),
                      pickle.dumps(remote).decode("latin-1")):
-            assert SECRET not in text
+            assert secret not in text
 
 
 def test_missing_s3_store_names_the_uri(s3_endpoint, monkeypatch):
-    endpoint, _ = s3_endpoint
-    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
-    monkeypatch.setenv("AWS_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
-    uri = f"s3://{BUCKET}/stores/absent.zarr"
+    for name, value in s3_endpoint.env.items():
+        monkeypatch.setenv(name, value)
+    uri = f"s3://{s3_endpoint.bucket}/stores/absent.zarr"
     with pytest.raises(ValueError, match="absent.zarr") as err:
         CellLoader(uri, batch_size=8)
-    assert SECRET not in str(err.value)
+    assert s3_endpoint.secret not in str(err.value)
