@@ -107,15 +107,22 @@ def _server_reachable(uri: str, timeout: float = 3.0) -> bool:
         return False
 
 
+# NOTE: the MLflow UI (3.x) opens an experiment by its kind; ours train models, not GenAI apps
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+
+
 def _experiment_id(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND[0] not in exp.tags:  # made by an earlier pertscale, or by hand
+            client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
         return exp.experiment_id
     artifact_location = None
     if uri.startswith("sqlite:") or "://" not in uri:
         # Embedded default: keep artifacts beside the database, under the storage root.
         artifact_location = (storage_root() / "mlflow" / "artifacts" / name).as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags=dict([EXPERIMENT_KIND]))
 
 
 class RunLogger:

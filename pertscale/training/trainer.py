@@ -23,6 +23,7 @@ from typing import Any
 from pertscale.cluster import start_ray
 from pertscale.config import Config, ConfigError, check_choice, check_range
 from pertscale.paths import storage_root
+from pertscale.progress import bar_label
 
 log = logging.getLogger(__name__)
 
@@ -267,9 +268,11 @@ def fit_with_progress(trainer, board, total_steps: int, *, show: bool = True,
 
     thread = threading.Thread(target=target, name="pertscale-fit", daemon=True)
     thread.start()
-    with tqdm(total=total_steps, unit="step", disable=not show, dynamic_ncols=True) as bar:
+    with tqdm(total=total_steps, unit="step", disable=not show, dynamic_ncols=True,
+              desc=bar_label()) as bar:
         while thread.is_alive():
             thread.join(poll_s)
+            bar.set_description(bar_label(), refresh=False)
             try:
                 step, metrics = ray.get(board.read.remote(), timeout=5)
             except Exception:  # noqa: BLE001, S112 - the bar is cosmetic; fit decides
