@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "alias": ("pertscale.tracking.commands:alias_main", "point an alias at a registered version (models:/NAME/3 champion)"),
     "embed": ("pertscale.embedding:main", "per-cell latents and pathway activities of a registered model, with a pathway discrepancy table"),
     "predict": ("pertscale.predict:main", "predict expression for perturbations with a registered model, as .h5ad or .csv"),
+    "submit": ("pertscale.submit:main", "run a pertscale command on a running Ray cluster as a Ray job (Jobs API)"),
     "bench": ("pertscale.bench:main", "benchmarks: ingest, loader, train"),
 }
 

@@ -214,11 +214,13 @@ def run_quickstart(cfg: QuickstartConfig, *, show: Callable[[str], None] = print
     t0 = time.perf_counter()
     for k, step in enumerate(steps, 1):
         command, *argv = commands[step]
-        if step == "predict":
-            argv = [_unseen_combination(work) if a == "COMBINATION" else a for a in argv]
         stage = f"quickstart {k}/{len(steps)} {step}"
         progress.set_stage(stage, t0)
         show(f"\n=== [{stage} | {progress.elapsed(t0)} elapsed] pertscale {command} ===")
+        if step == "predict":
+            combo = _unseen_combination(work)
+            argv = [combo if a == "COMBINATION" else a for a in argv]
+            show(f"{combo}: two genes never perturbed in training, predicted by {GEARS_URI}")
         start = time.perf_counter()
         try:
             rc = run_command(command, argv)
@@ -255,9 +257,12 @@ def _evaluation_tables() -> list[str]:
         lines += [("evaluation (GEARS simulation split; Pearson delta DE / MSE DE; "
                   f"report {path.parent})"),
                   f"  {'model':<24}" + "".join(f"{g:>22}" for g in groups)]
+        def num(x: float) -> str:
+            return "n/a" if pd.isna(x) else f"{x:.3f}"  # NaN: undefined (a constant prediction)
+
         for model, row in wide.iterrows():
-            cells = "".join(f"{row[('pearson_delta_de', g)]:>12.3f} / {row[('mse_de', g)]:<7.3f}"
-                            for g in groups)
+            cells = "".join(f"{num(row[('pearson_delta_de', g)]):>12} / "
+                            f"{num(row[('mse_de', g)]):<7}" for g in groups)
             lines.append(f"  {model:<24}{cells}")
     path = _latest_report("quickstart-scgen-*")
     if path is not None:
@@ -289,8 +294,8 @@ def _registered_models() -> list[str]:
         parent = tags.get("init_from_version") or tags.get("init_from") or (
             f"table {Path(tags['features']).name}" if tags.get("features") else "-")
         store = tags.get("store_fingerprint", "-")[:12]
-        lines.append(f"  models:/{name}/{version.version:<3} @{alias:<12} parent {parent:<32} "
-                     f"store {store}")
+        versioned = f"models:/{name}/{version.version}"
+        lines.append(f"  {versioned:<34} @{alias:<12} parent {parent:<34} store {store}")
     return lines
 
 
@@ -306,6 +311,10 @@ def main(argv: list[str]) -> int:
     except QuickstartError as e:
         print(f"pertscale quickstart: {e}", file=sys.stderr)
         return 1
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()  # its workers' buffered log lines come out now, before the summary
     print("\nquickstart summary")
     print(f"  {'step':<24} {'seconds':>8}  status")
     for step, seconds, rc in rows:

@@ -203,16 +203,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         resumed_from = progress.step
         restore_rng(rng_state, generator)
 
-    logger = None
-    if rank == 0 and run.get("run_id"):
+    logger = rank_logger = None  # rank 0's (the run's metrics); this rank's own
+    # NOTE: with a tracking server every rank also logs its node and throughput (a cluster's
+    # ranks run on several nodes); a database file takes rank 0's writes only
+    server = str(run.get("tracking_uri") or "").startswith(("http://", "https://"))
+    if run.get("run_id") and (rank == 0 or server):
+        import ray
+
         from pertscale.tracking import RunLogger, TrackingConfig
 
-        logger = RunLogger(TrackingConfig(uri=run["tracking_uri"],
-                                          experiment=job.tracking.experiment),
-                           run_id=run["run_id"])
-        if restored is None:
+        rank_logger = RunLogger(TrackingConfig(uri=run["tracking_uri"],
+                                               experiment=job.tracking.experiment),
+                                run_id=run["run_id"])
+        logger = rank_logger if rank == 0 else None
+        if logger is not None and restored is None:
             logger.log_params({**job.to_dict(), "engine.ds_config": ds_config,
                                "model.num_params": n_params, "trainer.world_size": world})
+        if server:
+            rank_logger.set_tags({f"rank{rank}.node_ip": ray.util.get_node_ip_address()})
     flops_peak = peak_flops(device)
     board = run.get("progress_board")
     if tr.fail_at_step >= 0 and board is None:
@@ -343,8 +351,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if flops_peak:
                     # 6 N FLOPs per token (forward + backward) over all ranks' devices.
                     metrics["mfu"] = 6 * n_params * n_tok / elapsed / (flops_peak * world)
-                if logger is not None:
-                    logger.log_metrics(metrics, step=progress.step)
+                if rank_logger is not None:
+                    own = {f"rank{rank}.cells_per_s": window["cells"] / elapsed} if server else {}
+                    rank_logger.log_metrics({**(metrics if rank == 0 else {}), **own},
+                                            step=progress.step)
                 if rank == 0 and board is not None:
                     board.post.remote(progress.step, metrics)
                 window, metric_sums, count_sums = fresh_window(), {}, {}

@@ -130,9 +130,26 @@ def check_resources(cfg: TrainerConfig, address: str | None = None) -> None:
     per_worker = {"CPU": float(cfg.cpus_per_worker)}
     if cfg.use_gpu:
         per_worker["GPU"] = 1.0
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    # NOTE: a worker's resources must fit on one node; the workers together on the cluster
-    fits = sum(int(min(node.get(k, 0.0) // v for k, v in per_worker.items())) for node in nodes)
+
+    def placeable() -> tuple[list[dict[str, float]], int]:
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        # NOTE: a worker's resources must fit on one node; the workers together on the cluster
+        return nodes, sum(int(min(node.get(k, 0.0) // v for k, v in per_worker.items()))
+                          for node in nodes)
+
+    nodes, fits = placeable()
+    if fits < cfg.num_workers and address:
+        # a cluster being started (Slurm, an autoscaler) gets its nodes one by one
+        from pertscale.cluster import RAY_TIMEOUT_ENV
+        from pertscale.config import env_seconds
+
+        limit = env_seconds(RAY_TIMEOUT_ENV, 30.0)
+        log.info("waiting up to %g s for the cluster at %s to place %d workers (%d fit now)",
+                 limit, address, cfg.num_workers, fits)
+        deadline = time.monotonic() + limit
+        while fits < cfg.num_workers and time.monotonic() < deadline:
+            time.sleep(1.0)
+            nodes, fits = placeable()
     if fits >= cfg.num_workers:
         return
     total = {k: sum(node.get(k, 0.0) for node in nodes) for k in per_worker}
