@@ -11,7 +11,10 @@ from pertscale.config import env_seconds
 log = logging.getLogger(__name__)
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 
-__all__ = ["start_ray"]
+__all__ = ["bind_gloo_to_node_address", "start_ray"]
+
+GLOO_IFNAME = "GLOO_SOCKET_IFNAME"
+WORKER_SETUP_HOOK = "pertscale.cluster.bind_gloo_to_node_address"
 
 
 def start_ray(address: str | None, *, num_cpus: int | None, env_vars: dict[str, str] | None = None,
@@ -23,9 +26,8 @@ def start_ray(address: str | None, *, num_cpus: int | None, env_vars: dict[str, 
 
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver}
-    if env_vars:
-        kwargs["runtime_env"] = {"env_vars": env_vars}
+    kwargs: dict[str, Any] = {"log_to_driver": log_to_driver, "runtime_env": {
+        "env_vars": dict(env_vars or {}), "worker_process_setup_hook": WORKER_SETUP_HOOK}}
     if address:
         _check_reachable(address)
         ray.init(address=address, **kwargs)
@@ -37,6 +39,29 @@ def start_ray(address: str | None, *, num_cpus: int | None, env_vars: dict[str, 
             log.info("embedded Ray cluster: Ray's default token authentication "
                      "(RAY_AUTH_MODE=disabled opts out)")
         ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+
+
+def bind_gloo_to_node_address() -> None:
+    """Ray worker setup hook: gloo (the CPU collectives) binds the network interface that carries
+    this node's Ray address, unless GLOO_SOCKET_IFNAME says otherwise. By default gloo binds the
+    address the hostname resolves to; where /etc/hosts maps the hostname to a loopback address
+    (a common default), ranks on other nodes connect to 127.0.0.1 and the process group never
+    forms ("Gloo connectFullMesh failed ... remote=[127.0.0.1]")."""
+    if os.environ.get(GLOO_IFNAME):
+        return
+    import psutil
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address == ip for a in addresses):
+            os.environ[GLOO_IFNAME] = name
+            log.info("gloo binds %s (%s, this node's Ray address; %s overrides)", name, ip,
+                     GLOO_IFNAME)
+            return
+    log.warning("no network interface carries this node's Ray address %s; gloo binds the "
+                "hostname's address (set %s if ranks on other nodes cannot connect)", ip,
+                GLOO_IFNAME)
 
 
 RAY_TIMEOUT_ENV = "PERTSCALE_RAY_TIMEOUT_S"
