@@ -198,7 +198,7 @@ def fetch_final_checkpoint(checkpoint: Any, run_name: str) -> tuple[str, Path]:
                     if info.type == pafs.FileType.File:
                         fetch(info.path[len(path) + 1:])
         except OSError as e:
-            raise RuntimeError(f"run {run_name}: reading its final checkpoint {uri} failed: "
+            raise OSError(f"run {run_name}: reading its final checkpoint {uri} failed: "
                                f"{e}") from None
         partial.rename(local)
     if not read_meta(local).get("final"):

@@ -9,8 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +24,7 @@ from pertscale.pipeline import STEPS
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
+SHOTS = REPO / "storage" / "screenshots"  # kept as CI artifacts
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +109,65 @@ def test_an_unseen_combination_is_predicted(quickstart):
     assert sorted(predicted.obs["cell_type"].astype(str)) == ["cell_type_1", "cell_type_2",
                                                               "cell_type_3"]
     assert predicted.n_vars == 500 and np.isfinite(predicted.X).all()
+
+
+def _chromium(*args: str) -> subprocess.CompletedProcess:
+    """Debian's headless chromium; charts are drawn within its virtual time budget."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    return subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                           "--disable-background-networking", "--window-size=1600,1000",
+                           "--run-all-compositor-stages-before-draw",
+                           "--virtual-time-budget=60000", *args],
+                          capture_output=True, text=True, timeout=180, check=False)
+
+
+@pytest.fixture(scope="module")
+def mlflow_ui(quickstart):
+    """`mlflow server` on the quickstart's database (the UI it prints the command for)."""
+    _, storage = quickstart
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server",
+                             "--backend-store-uri", f"sqlite:///{storage / 'mlflow' / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server did not start on {url}")
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_mlflow_ui_shows_the_registered_models_and_the_metric_charts(quickstart, mlflow_ui):
+    _, storage = quickstart
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    mode = "?workflowType=machine_learning"  # the UI's model-training view
+    models = f"{mlflow_ui}/#/models{mode}"
+    page = _chromium("--dump-dom", models).stdout
+    for name in ("scgpt", "pathway_vae", "gears", "scgpt_perturb", "scgen", "genepert"):
+        assert f">pertscale-{name}<" in page, name
+    version = _client(storage).get_model_version_by_alias("pertscale-scgpt", "quickstart")
+    run = _client(storage).get_run(version.run_id)
+    charts = (f"{mlflow_ui}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+              f"/model-metrics{mode}")
+    page = _chromium("--dump-dom", charts).stdout
+    for metric in ("loss", "lr", "cells_per_s"):
+        assert f">{metric}<" in page, metric
+    assert page.count("<svg") > 10  # the charts were drawn, not still loading
+    for url, name in ((models, "mlflow_models.png"), (charts, "mlflow_scgpt_metrics.png")):
+        (SHOTS / name).unlink(missing_ok=True)
+        _chromium(f"--screenshot={SHOTS / name}", url)
+        assert (SHOTS / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
