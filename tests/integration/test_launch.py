@@ -8,10 +8,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -105,26 +103,6 @@ def test_yaml_launchers_parse_run_real_commands_and_take_s3():
     assert "--trainer.storage_path=s3://bucket/runs" in inner
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _sim_store(path: Path) -> str:
-    from pertscale.data.synthetic import SimulatorConfig, build_ground_truth, simulate_blocks
-    from pertscale.store import StoreWriter
-
-    cfg = SimulatorConfig(n_genes=120, n_cells=1200, n_single_perturbations=8,
-                          n_double_perturbations=2, seed=3)
-    truth = build_ground_truth(cfg)
-    with StoreWriter(str(path), var=truth.var(), raw_counts=True,
-                     source={"file": "simulated", "sha256": "-"}) as w:
-        for x, obs in simulate_blocks(cfg, 600, truth=truth):
-            w.append(x, obs)
-    return str(path)
-
-
 FAKE_SRUN = """#!/usr/bin/env bash
 # srun for tests: drops the allocation options and runs the step here, as a local process
 while [ $# -gt 0 ]; do
@@ -138,7 +116,8 @@ FAKE_SCONTROL = """#!/usr/bin/env bash
 
 
 @pytest.mark.slow
-def test_slurm_script_runs_a_two_node_pretrain_under_a_fake_srun(tmp_path):
+def test_slurm_script_runs_a_two_node_pretrain_under_a_fake_srun(tmp_path, free_port,
+                                                                write_sim_store):
     from mlflow import MlflowClient
 
     fake = tmp_path / "fakebin"
@@ -146,14 +125,14 @@ def test_slurm_script_runs_a_two_node_pretrain_under_a_fake_srun(tmp_path):
     for name, body in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (fake / name).write_text(body)
         (fake / name).chmod(0o755)
-    store = _sim_store(tmp_path / "sim")
+    store = write_sim_store(tmp_path / "sim")
     storage = tmp_path / "storage"
     env = {**{k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"},
            "PATH": f"{fake}:{BIN}:{os.environ['PATH']}", "PERTSCALE_STORAGE": str(storage),
            "PERTSCALE_CONFIG": str(REPO / "configs" / "scgpt_debug.toml"),
            "SLURM_JOB_NODELIST": "node1,node2", "SLURM_JOB_NUM_NODES": "2",
            "SLURM_CPUS_PER_TASK": "1", "SLURM_JOB_ID": "42", "OMP_NUM_THREADS": "1",
-           "RAY_PORT": str(_free_port()), "MLFLOW_PORT": str(_free_port()),
+           "RAY_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
            "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": str(Path("/tmp") / f"ps-slurm-{os.getpid()}"),
            "PERTSCALE_RAY_TIMEOUT_S": "90"}
     env.pop("SLURM_GPUS_PER_NODE", None)
@@ -176,37 +155,17 @@ def test_slurm_script_runs_a_two_node_pretrain_under_a_fake_srun(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def jobs_api(tmp_path_factory):
+def jobs_api(start_server, free_port):
     """A real Ray head with its dashboard (the Jobs API), this venv first on its PATH."""
-    port, dash = _free_port(), _free_port()
-    tmp = Path("/tmp") / f"ps-jobs-{os.getpid()}"
+    dash = free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled",
-           "RAY_TMPDIR": str(tmp)}
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
-                             "--num-cpus=1", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "RAY_TMPDIR": str(Path("/tmp") / f"ps-jobs-{os.getpid()}")}
     address = f"http://127.0.0.1:{dash}"
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the Ray dashboard did not start on {address}")
-                time.sleep(1)
-        yield address
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    start_server([str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}",
+                  "--num-cpus=1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                  f"--dashboard-port={dash}"], f"{address}/api/version", "the Ray dashboard",
+                 env=env)
+    return address
 
 
 def _pertscale(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -215,8 +174,9 @@ def _pertscale(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def test_submit_runs_a_command_as_a_ray_job_and_reports_its_failure(jobs_api, tmp_path):
-    store = _sim_store(tmp_path / "sim")
+def test_submit_runs_a_command_as_a_ray_job_and_reports_its_failure(jobs_api, tmp_path,
+                                                                   write_sim_store):
+    store = write_sim_store(tmp_path / "sim")
     ok = _pertscale("submit", "--address", jobs_api, "--env", "PERTSCALE_TEST_ENV=1", "--",
                     "verify", store)
     assert ok.returncode == 0, ok.stderr[-3000:]

@@ -10,11 +10,8 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -124,31 +121,14 @@ def _chromium(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def mlflow_ui(quickstart):
+def mlflow_ui(quickstart, start_server, free_port):
     """`mlflow server` on the quickstart's database (the UI it prints the command for)."""
     _, storage = quickstart
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server",
-                             "--backend-store-uri", f"sqlite:///{storage / 'mlflow' / 'mlflow.db'}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"mlflow server did not start on {url}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    url = f"http://127.0.0.1:{free_port()}"
+    start_server([str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri",
+                  f"sqlite:///{storage / 'mlflow' / 'mlflow.db'}", "--host", "127.0.0.1",
+                  "--port", url.rsplit(":", 1)[1], "--workers", "1"], url, "mlflow server")
+    return url
 
 
 def test_the_mlflow_ui_shows_the_registered_models_and_the_metric_charts(quickstart, mlflow_ui):

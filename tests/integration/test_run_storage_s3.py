@@ -40,26 +40,12 @@ def s3_ray(s3_endpoint, tmp_path_factory):
         mp.undo()
 
 
-def _sim_store(path: Path) -> str:
-    from pertscale.data.synthetic import SimulatorConfig, build_ground_truth, simulate_blocks
-    from pertscale.store import StoreWriter
-
-    cfg = SimulatorConfig(n_genes=80, n_cells=800, n_single_perturbations=6,
-                          n_double_perturbations=2, seed=5)
-    truth = build_ground_truth(cfg)
-    with StoreWriter(str(path), var=truth.var(), raw_counts=True,
-                     source={"file": "simulated", "sha256": "-"}) as w:
-        for x, obs in simulate_blocks(cfg, 400, truth=truth):
-            w.append(x, obs)
-    return str(path)
-
-
 def _keys(client, bucket: str, prefix: str) -> list[str]:
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
 
-def test_pretrain_with_s3_run_storage_resumes_and_registers(s3_ray, tmp_path):
+def test_pretrain_with_s3_run_storage_resumes_and_registers(s3_ray, tmp_path, write_sim_store):
     from safetensors.torch import load, load_file
 
     from pertscale.paths import storage_root
@@ -67,7 +53,8 @@ def test_pretrain_with_s3_run_storage_resumes_and_registers(s3_ray, tmp_path):
     from pertscale.training.commands import run_pretrain
 
     s3 = s3_ray
-    store = _sim_store(tmp_path / "sim")
+    store = write_sim_store(tmp_path / "sim", n_genes=80, n_cells=800,
+                            n_single_perturbations=6, seed=5)
     job = load_config(REPO_ROOT / "configs" / "debug_cpu.toml",
                       [f"--data.store_uri={store}", "--trainer.max_steps=8",
                        "--trainer.checkpoint_every=3", "--trainer.log_every=2",
