@@ -193,7 +193,7 @@ def run_storage(cfg: TrainerConfig) -> tuple[str, Any]:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if not region and not endpoint:
-            region = pafs.resolve_s3_region(rest.split("/", 1)[0])
+            region = _bucket_region(rest.split("/", 1)[0], limit)
             log.info("trainer.storage_path=%s: bucket region %s (AWS_REGION unset)", path,
                      region)
         kwargs: dict[str, Any] = {}
@@ -210,6 +210,23 @@ def run_storage(cfg: TrainerConfig) -> tuple[str, Any]:
 
         fs = pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=limit))
     return rest, fs
+
+
+def _bucket_region(bucket: str, limit: float) -> str:
+    """The AWS region of `bucket`, asked of S3 within `limit` seconds (pyarrow sets none)."""
+    from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    import pyarrow.fs as pafs
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(pafs.resolve_s3_region, bucket).result(timeout=limit)
+    except FutureTimeout:
+        raise TimeoutError(f"s3://{bucket}: no answer to its region within {limit:g} s (set "
+                           "AWS_REGION, or PERTSCALE_STORE_TIMEOUT_S for the limit)") from None
+    finally:
+        pool.shutdown(wait=False)
 
 
 def run_storage_uri(filesystem: Any, path: str) -> str:
