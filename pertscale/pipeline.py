@@ -186,18 +186,22 @@ def _commands(cfg: QuickstartConfig, work: Path) -> dict[str, list[str]]:
     return commands
 
 
-def _unseen_combination(work: Path) -> str:
-    """A combination of two genes never perturbed in training (GEARS' combo_seen0), from the
-    split the evaluate step reported; else one with one gene seen."""
+SEEN_GENES = {"combo_seen0": "two genes never perturbed in training",
+              "combo_seen1": "one of its genes perturbed in training, the other not"}
+
+
+def _unseen_combination() -> tuple[str, str]:
+    """(a combination never seen in training, what was seen of its genes), from the split the
+    evaluate step reported: GEARS' combo_seen0 if it has one, else combo_seen1."""
     reports = sorted(storage_root().glob("reports/quickstart-2*/split.json"),
                      key=lambda p: p.stat().st_mtime)
     if not reports:
         raise QuickstartError("the predict step needs the evaluate step's split (run steps "
                               "'evaluate' and 'predict' together)")
     test = json.loads(reports[-1].read_text())["test"]
-    for group in ("combo_seen0", "combo_seen1"):
+    for group, seen in SEEN_GENES.items():
         if test.get(group):
-            return test[group][0].split("/", 1)[1]
+            return test[group][0].split("/", 1)[1], seen
     raise QuickstartError(f"the split in {reports[-1]} has no unseen combination to predict")
 
 
@@ -218,9 +222,9 @@ def run_quickstart(cfg: QuickstartConfig, *, show: Callable[[str], None] = print
         progress.set_stage(stage, t0)
         show(f"\n=== [{stage} | {progress.elapsed(t0)} elapsed] pertscale {command} ===")
         if step == "predict":
-            combo = _unseen_combination(work)
+            combo, seen = _unseen_combination()
             argv = [combo if a == "COMBINATION" else a for a in argv]
-            show(f"{combo}: two genes never perturbed in training, predicted by {GEARS_URI}")
+            show(f"{combo} ({seen}), predicted by {GEARS_URI}")
         start = time.perf_counter()
         try:
             rc = run_command(command, argv)
