@@ -32,7 +32,8 @@ def quickstart(tmp_path_factory):
                           env={**env, "PERTSCALE_STORAGE": str(storage)}, capture_output=True,
                           text=True, timeout=1800, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc.stdout, storage
+    # NOTE: the training progress bars (tqdm) write to stderr
+    return proc.stdout + proc.stderr, storage
 
 
 def _client(storage: Path):
@@ -49,6 +50,11 @@ def test_every_step_runs_under_one_progress_display_and_the_summary_ends_it(quic
     assert {int(h[1]) for h in headers} == {len(STEPS)}
     clock = [int(m) * 60 + int(s) for *_, m, s in headers]
     assert clock == sorted(clock)
+    # each training step's own bar carries the pipeline's stage and elapsed time
+    for k, step in enumerate(STEPS, 1):
+        if step.startswith(("pretrain", "finetune")):
+            assert re.search(rf"\[quickstart {k}/{len(STEPS)} {step} \| \d\d:\d\d\]: +\d+%",
+                             out), step
     summary = out[out.rindex("quickstart summary"):]
     for step in STEPS:
         assert re.search(rf"^\s+{step}\s+[\d.]+\s+ok$", summary, re.MULTILINE), step
