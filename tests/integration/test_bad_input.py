@@ -315,7 +315,13 @@ def test_ctrl_c_during_an_overwrite_ends_in_one_line_and_keeps_the_old_store(wor
     write_simulated_h5ad(big, 600_000, 2000, nnz_per_cell=50.0)
     store = world / "store"
     fingerprint = open_store(store).fingerprint
-    proc = subprocess.Popen([sys.executable, "-m", "pertscale", "ingest", str(big), "--out",
+    # NOTE: Ctrl-C in a terminal reaches a command whose SIGINT raises KeyboardInterrupt; a test
+    # runner started in the background (`cmd &` without job control) ignores SIGINT, and its
+    # children inherit that, so the command installs Python's handler itself here
+    interruptible = ("import runpy, signal, sys; signal.signal(signal.SIGINT, "
+                     "signal.default_int_handler); sys.argv[0] = 'pertscale'; "
+                     "runpy.run_module('pertscale', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", interruptible, "ingest", str(big), "--out",
                              str(store), "--overwrite"], stderr=subprocess.PIPE, text=True)
     staging = staging_path(store)
     deadline = time.monotonic() + 60
