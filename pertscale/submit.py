@@ -22,17 +22,16 @@ import logging
 import shlex
 import sys
 import time
-import urllib.error
 import urllib.request
 from typing import Any
 
+from pertscale.cluster import RAY_TIMEOUT_ENV
 from pertscale.config import ConfigError, env_seconds
 
 __all__ = ["entrypoint", "main"]
 
 log = logging.getLogger(__name__)
 
-RAY_TIMEOUT_ENV = "PERTSCALE_RAY_TIMEOUT_S"
 # commands whose driver starts an embedded cluster unless given one
 CLUSTER_COMMANDS = ("pretrain", "finetune", "fit", "evaluate")
 
@@ -42,12 +41,12 @@ def entrypoint(command: list[str]) -> str:
     from pertscale.cli import COMMANDS
 
     if not command:
-        raise ConfigError("pertscale submit: give the command to run after `--`, e.g. "
+        raise ConfigError("give the command to run after `--`, e.g. "
                           "`-- pretrain --config configs/scgpt_small.toml`")
     name, *args = command
     if name not in COMMANDS or name in ("submit", "quickstart"):
         valid = [c for c in COMMANDS if c not in ("submit", "quickstart")]
-        raise ConfigError(f"pertscale submit: {name!r} is not a command a job can run; "
+        raise ConfigError(f"{name!r} is not a command a job can run; "
                           f"one of {valid}")
     has_address = any(a == "--address" or a.startswith("--address=") for a in args)
     if name in CLUSTER_COMMANDS and not has_address:
@@ -73,7 +72,7 @@ def _check_dashboard(address: str, limit: float) -> None:
     try:
         with urllib.request.urlopen(url, timeout=limit) as r:
             r.read()
-    except (urllib.error.URLError, OSError) as e:
+    except OSError as e:  # URLError too
         reason = getattr(e, "reason", e)
         raise ConnectionError(f"Ray Jobs API at {address} is not reachable within {limit:g} s "
                               f"({reason}; {RAY_TIMEOUT_ENV} sets the limit); give the head's "
