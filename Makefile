@@ -3,6 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# NOTE: for CPU runs and the tests; GPU workers (trainer.use_gpu) get cuda whatever this says
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 2
 # NOTE: DeepSpeed JIT-builds a small op at first use, under a lock file in this folder; one per

@@ -13,6 +13,16 @@ loaded (its package __init__ pulls scanpy and friends, which the model does not 
 Contenders are timed round-robin, one step each in turn, so a load change on a shared machine
 hits all of them alike; the reported step time is the median. Process CPU time is reported
 beside wall time: on a shared machine wall time also counts time spent waiting for a core.
+
+On CUDA (`device=cuda`) models, optimizer states and every token batch live on the GPU before
+the first step (copied from pinned memory), each step is timed between two
+torch.cuda.synchronize() calls, and bf16 is the module converted to bf16 as DeepSpeed's bf16
+mode does (`module.bfloat16()`), stepped by fused AdamW. Per row, `mfu` is the model FLOPs of
+the timed steps (pertscale.training.flops: non-embedding parameters, real tokens and real
+sequence lengths, so padding earns nothing) per second over the device's peak, and
+`peak_mem_mb` the contender's own peak: its parameters, gradients, optimizer states and batch
+plus the most its step allocated beyond them (every contender stays resident, so the device's
+raw peak would count the others' weights too). On a CPU both are None.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pertscale.config import Config, check_range, parse_overrides
+from pertscale.config import Config, ConfigError, check_choice, check_range, parse_overrides
 from pertscale.constants import (
     GENE_IDS,
     INDICES,
@@ -44,6 +54,13 @@ from pertscale.constants import (
 )
 from pertscale.data.tokenizer import Tokenizer, TokenizerConfig
 from pertscale.models.scgpt import ScGPTConfig, build_scgpt
+from pertscale.training.flops import (
+    mfu,
+    model_flops,
+    non_embedding_params,
+    peak_flops,
+    sequence_work,
+)
 
 __all__ = [
     "StepBenchConfig",
@@ -55,12 +72,23 @@ __all__ = [
 ]
 
 PEER_INSTALL = "pip install --no-deps --target {path} scgpt==0.2.4"
+DEVICES = ("cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Each layout's contender names its attention backend: torch's varlen kernels for packed tokens
+# (never flash-attn's, which "auto" prefers where installed), SDPA with a key mask for padded.
+BACKENDS = {"packed": "varlen", "padded": "sdpa"}
 
 
 @dataclasses.dataclass
 class StepBenchConfig(Config):
     flavor: str = "small"           # our model flavor (the peer gets the same sizes)
+    d_model: int = 0                # override the flavor's width (0 = flavor default)
     n_layers: int = 0               # override the flavor's depth (0 = flavor default)
+    n_heads: int = 0                # override the flavor's heads (0 = flavor default)
+    d_ff: int = 0                   # override the flavor's feed-forward width (0 = default)
+    device: str = "cpu"             # cpu | cuda (models, optimizer states and tokens on the GPU)
+    precision: str = "auto"         # auto (bf16 on cuda, fp32 on cpu) | fp32 | bf16
     batch_size: int = 8             # cells per step
     max_seq_len: int = 3000         # tokens per cell incl. <cls>
     median_genes: float = 1500.0    # median expressed genes per cell (lognormal)
@@ -80,6 +108,28 @@ class StepBenchConfig(Config):
         check_range("max_seq_len", self.max_seq_len, 2)
         check_range("median_genes", self.median_genes, 1.0)
         check_range("sigma", self.sigma, 0.0)
+        check_choice("device", self.device, DEVICES)
+        check_choice("precision", self.precision, PRECISIONS)
+        self.model_config()  # sizes: flavor, overrides >= 0, d_model divisible by n_heads
+        if self.device == "cuda" and self.resolved_precision() == "fp32":
+            # NOTE: the packed contender is always timed, and its varlen attention on CUDA runs
+            # flash kernels, which take bf16/fp16 only.
+            raise ConfigError("precision='fp32' with device='cuda' is refused: the packed "
+                              "contender's varlen attention runs CUDA flash kernels, which take "
+                              "bf16/fp16; use precision=bf16 (or auto)")
+
+    def resolved_precision(self) -> str:
+        """The precision the steps run in: `auto` is bf16 on cuda, fp32 on cpu."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.device == "cuda" else "fp32"
+
+    def model_config(self, layout: str = "packed") -> ScGPTConfig:
+        """Our scgpt at the flavor's sizes with the non-zero overrides, with the attention
+        backend of `layout`'s contender."""
+        return ScGPTConfig(flavor=self.flavor, d_model=self.d_model, n_layers=self.n_layers,
+                           n_heads=self.n_heads, d_ff=self.d_ff, dropout=self.dropout,
+                           attention=BACKENDS[layout])
 
 
 def synthetic_csr_batch(cfg: StepBenchConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -116,7 +166,8 @@ def _masked_mse(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) 
     return ((pred - target) ** 2).masked_fill(~masked, 0.0).sum() / masked.sum().clamp(min=1)
 
 
-def _peer_step_fn(peer_cls: type, cfg: StepBenchConfig, size, vocab_size: int) -> tuple:
+def _peer_step_fn(peer_cls: type, cfg: StepBenchConfig, size, vocab_size: int,
+                  dtype: torch.dtype) -> tuple:
     model = peer_cls(ntoken=vocab_size, d_model=size.d_model, nhead=size.n_heads,
                      d_hid=size.d_ff, nlayers=size.n_layers, vocab={"<pad>": 0},
                      dropout=cfg.dropout, pad_token="<pad>", pad_value=PAD_VALUE, do_mvc=True,
@@ -124,34 +175,76 @@ def _peer_step_fn(peer_cls: type, cfg: StepBenchConfig, size, vocab_size: int) -
                      use_fast_transformer=False)
 
     def loss_fn(batch: dict) -> torch.Tensor:
-        out = model(batch[GENE_IDS], batch[VALUE_IDS].float(),
+        out = model(batch[GENE_IDS], batch[VALUE_IDS].to(dtype),
                     src_key_padding_mask=batch[PADDING_MASK], MVC=True)
         target, masked = batch[TARGET_VALUES], batch[MASKED]
-        return (_masked_mse(out["mlm_output"], target, masked)
-                + _masked_mse(out["mvc_output"], target, masked))
+        return (_masked_mse(out["mlm_output"].float(), target, masked)
+                + _masked_mse(out["mvc_output"].float(), target, masked))
 
     return model, loss_fn
 
 
-def _contenders(cfg: StepBenchConfig, vocab_size: int) -> list[tuple[str, str, Any, Callable]]:
-    model_cfg = ScGPTConfig(flavor=cfg.flavor, n_layers=cfg.n_layers, dropout=cfg.dropout)
-    out = []
+@dataclasses.dataclass
+class _Contender:
+    name: str
+    layout: str
+    model: torch.nn.Module
+    loss_fn: Callable[[dict], torch.Tensor]
+    optim: torch.optim.Optimizer
+
+
+def _contenders(cfg: StepBenchConfig, vocab_size: int, device: torch.device,
+                dtype: torch.dtype) -> list[_Contender]:
+    built = []
     for layout in ("packed", "padded"):
         torch.manual_seed(cfg.seed)
-        model = build_scgpt(model_cfg, range(vocab_size))
-        out.append(("pertscale", layout, model, lambda b, m=model: m(b).loss))
+        model = build_scgpt(cfg.model_config(layout), range(vocab_size))
+        built.append(("pertscale", layout, model, lambda b, m=model: m(b).loss))
     if cfg.peer_path:
         torch.manual_seed(cfg.seed)
-        model, loss_fn = _peer_step_fn(load_scgpt_peer(cfg.peer_path), cfg, model_cfg.size(),
-                                       vocab_size)
-        out.append(("scgpt-0.2.4", "padded", model, loss_fn))
+        model, loss_fn = _peer_step_fn(load_scgpt_peer(cfg.peer_path), cfg,
+                                       cfg.model_config().size(), vocab_size, dtype)
+        built.append(("scgpt-0.2.4", "padded", model, loss_fn))
+    out = []
+    for name, layout, model, loss_fn in built:
+        # bf16 as DeepSpeed's bf16 mode does it: every floating parameter and buffer converted.
+        model.to(device=device, dtype=dtype)
+        optim = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        out.append(_Contender(name, layout, model, loss_fn, optim))
     return out
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on `device`, copied from pinned memory (MAX_SEQLEN stays an int)."""
+    if device.type == "cpu":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor)
+            else v for k, v in batch.items()}
+
+
+def _resident_bytes(c: _Contender, batch: dict[str, Any]) -> int:
+    """Bytes a contender holds between steps: parameters, gradients, optimizer states, batch."""
+    tensors = list(c.model.parameters())
+    tensors += [p.grad for p in c.model.parameters() if p.grad is not None]
+    tensors += [v for state in c.optim.state.values() for v in state.values()
+                if isinstance(v, torch.Tensor) and v.device.type != "cpu"]
+    tensors += [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    return sum(t.untyped_storage().nbytes() for t in tensors)
 
 
 def run_step_bench(cfg: StepBenchConfig,
                    log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Time train steps of every contender on the same cells; one row per contender.
-    `log`, when given, receives one progress line per step."""
+    `log`, when given, receives the chosen precision and one progress line per step."""
+    device = torch.device(cfg.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device "
+                         "(torch.cuda.is_available() is False); use device=cpu")
+    precision = cfg.resolved_precision()
+    if log is not None:
+        how = " (auto: bf16 on cuda, fp32 on cpu)" if cfg.precision == "auto" else ""
+        log(f"device {cfg.device}, precision {precision}{how}")
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     vocab_size = cfg.n_genes + 3
@@ -160,52 +253,82 @@ def run_step_bench(cfg: StepBenchConfig,
     csr = [synthetic_csr_batch(cfg, rng) for _ in range(n_batches)]
     tokens = {layout: [tok(b, layout=layout, generator=torch.Generator().manual_seed(i))
                        for i, b in enumerate(csr)] for layout in ("packed", "padded")}
-    contenders = _contenders(cfg, vocab_size)
-    optims = [torch.optim.Adam(m.parameters(), lr=1e-4) for _, _, m, _ in contenders]
+    contenders = _contenders(cfg, vocab_size, device, DTYPES[precision])
+    # NOTE: every batch is on the device before the first timed step: the copies are not timed.
+    on_device = {layout: [_to_device(b, device) for b in batches]
+                 for layout, batches in tokens.items()}
+    if cuda:
+        torch.cuda.synchronize(device)
     times: list[list[float]] = [[] for _ in contenders]
     cpu_times: list[list[float]] = [[] for _ in contenders]
+    peak_bytes: list[int] = [0 for _ in contenders]
     for step in range(n_batches):
-        for i, (_, layout, model, loss_fn) in enumerate(contenders):
-            batch = tokens[layout][step]
+        for i, c in enumerate(contenders):
+            batch = on_device[c.layout][step]
+            if cuda:
+                resident = _resident_bytes(c, batch)
+                torch.cuda.synchronize(device)
+                before = torch.cuda.memory_allocated(device)
+                torch.cuda.reset_peak_memory_stats(device)
             t0, c0 = time.perf_counter(), time.process_time()
-            optims[i].zero_grad(set_to_none=True)
-            loss_fn(batch).backward()
-            optims[i].step()
+            c.optim.zero_grad(set_to_none=True)
+            c.loss_fn(batch).backward()
+            c.optim.step()
+            if cuda:
+                torch.cuda.synchronize(device)
             elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
             if step >= cfg.warmup:
                 times[i].append(elapsed)
                 cpu_times[i].append(cpu)
+                if cuda:
+                    peak_bytes[i] = max(peak_bytes[i], resident + torch.cuda.max_memory_allocated(
+                        device) - before)
             if log is not None:
-                name, layout = contenders[i][:2]
-                log(f"step {step}{' (warmup)' if step < cfg.warmup else ''} {name}/{layout}: "
+                log(f"step {step}{' (warmup)' if step < cfg.warmup else ''} {c.name}/{c.layout}: "
                     f"{elapsed:.2f} s wall, {cpu:.2f} s cpu")
 
     timed = range(cfg.warmup, n_batches)
-    real_tokens = sum(int(tokens["packed"][s][GENE_IDS].numel()) for s in timed)
+    work = [sequence_work(tokens["packed"][s]) for s in timed]
+    assert work == [sequence_work(tokens["padded"][s]) for s in timed], "layouts differ in cells"
+    real_tokens = sum(w[0] for w in work)
+    sum_sq_len = sum(w[1] for w in work)
     padded_tokens = sum(int(tokens["padded"][s][GENE_IDS].numel()) for s in timed)
-    size = ScGPTConfig(flavor=cfg.flavor, n_layers=cfg.n_layers).size()
+    size = cfg.model_config().size()
+    device_name = torch.cuda.get_device_name(device) if cuda else "cpu"
+    peak = (peak_flops(device_name, precision, tf32=torch.backends.cuda.matmul.allow_tf32)
+            if cuda else None)
     rows = []
-    for (name, layout, model, _), ts, cs in zip(contenders, times, cpu_times):
+    for c, ts, cs, peak_b in zip(contenders, times, cpu_times, peak_bytes):
         step_s = statistics.median(ts)
         cpu_s = statistics.median(cs)
         per_step_real = real_tokens / cfg.steps
+        flops = model_flops(non_embedding_params(c.model), real_tokens, n_layers=size.n_layers,
+                            d_model=size.d_model, sum_sq_len=sum_sq_len)
+        timed_s = step_s * cfg.steps  # the median step, as many times as steps were timed
         rows.append({
-            "model": name, "layout": layout, "d_model": size.d_model,
+            "model": c.name, "layout": c.layout,
+            "attention": BACKENDS[c.layout] if c.name == "pertscale" else "torch-mha",
+            "device": cfg.device,
+            "device_name": device_name, "precision": precision, "d_model": size.d_model,
             "n_layers": size.n_layers, "n_heads": size.n_heads, "d_ff": size.d_ff,
             "batch_size": cfg.batch_size, "max_seq_len": cfg.max_seq_len,
-            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+            "params_m": round(sum(p.numel() for p in c.model.parameters()) / 1e6, 2),
             "real_tokens_per_step": round(per_step_real, 1),
-            "computed_tokens_per_step": round((real_tokens if layout == "packed"
+            "computed_tokens_per_step": round((real_tokens if c.layout == "packed"
                                                else padded_tokens) / cfg.steps, 1),
-            "pad_fraction": round(0.0 if layout == "packed"
+            "pad_fraction": round(0.0 if c.layout == "packed"
                                   else 1 - real_tokens / padded_tokens, 4),
-            "step_s_median": round(step_s, 4),
-            "step_s_all": [round(t, 4) for t in ts],
+            "step_s_median": round(step_s, 6),
+            "step_s_all": [round(t, 6) for t in ts],
             "real_tokens_per_s": round(per_step_real / step_s, 1),
             "cells_per_s": round(cfg.batch_size / step_s, 3),
-            "cpu_s_median": round(cpu_s, 4),
+            "cpu_s_median": round(cpu_s, 6),
             "real_tokens_per_cpu_s": round(per_step_real / cpu_s, 1),
             "threads": cfg.threads,
+            "model_flops_per_step": flops / cfg.steps,
+            "model_tflop_per_s": round(flops / timed_s / 1e12, 6),
+            "mfu": round(mfu(flops, timed_s, peak), 4) if peak else None,
+            "peak_mem_mb": round(peak_b / 2**20, 1) if cuda else None,
         })
     ours_padded = next(r for r in rows if r["model"] == "pertscale" and r["layout"] == "padded")
     for r in rows:
@@ -227,10 +350,11 @@ def run_step_bench(cfg: StepBenchConfig,
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of the benchmark rows."""
-    cols = ["model", "layout", "d_model", "n_layers", "batch_size", "pad_fraction",
-            "step_s_median", "real_tokens_per_s", "cells_per_s", "speedup_vs_scgpt",
-            "cpu_s_median", "real_tokens_per_cpu_s", "cpu_speedup_vs_scgpt",
-            "speedup_vs_own_padded", "cpu_speedup_vs_own_padded", "padded_over_real_tokens"]
+    cols = ["model", "layout", "attention", "device", "precision", "d_model", "n_layers", "batch_size",
+            "pad_fraction", "step_s_median", "real_tokens_per_s", "cells_per_s",
+            "speedup_vs_own_padded", "mfu", "peak_mem_mb", "speedup_vs_scgpt", "cpu_s_median",
+            "real_tokens_per_cpu_s", "cpu_speedup_vs_scgpt", "cpu_speedup_vs_own_padded",
+            "padded_over_real_tokens"]
     table = [cols] + [[str(r[c]) for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table)

@@ -2,12 +2,13 @@
 
     pertscale bench train --mode step [--field=value ...] [--out PATH]
         tokens/s, cells/s of train steps for padded vs packed batches of our scgpt (and of
-        bowang-lab's scGPT when installed), on cells with a lognormal number of expressed genes
-        (see pertscale.bench.step; fields are StepBenchConfig's).
+        bowang-lab's scGPT when installed), on cells with a lognormal number of expressed genes,
+        on a CPU or one GPU (--device=cuda: bf16 by default, with MFU and peak memory per row;
+        see pertscale.bench.step; fields are StepBenchConfig's).
     pertscale bench train --mode zero [--field=value ...] [--out PATH]
         peak memory per rank for ZeRO stages 0-3 on 2 Ray workers (DeepSpeed engine, real
         optimizer steps) with a model big enough for the sharding to show (fields are
-        ZeroBenchConfig's).
+        ZeroBenchConfig's; --use_gpu=true runs bf16 unless precision says otherwise).
 
 Each mode prints a table and writes JSON (default storage/bench/train_<mode>.json). Memory per
 rank: `state_mb` = live CPU tensor storage after the steps (parameters, gradients, optimizer
@@ -26,12 +27,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pertscale.config import Config, check_range, parse_overrides
+from pertscale.config import Config, ConfigError, check_choice, check_range, parse_overrides
 from pertscale.paths import storage_root
 
 __all__ = ["ZeroBenchConfig", "main", "run_zero_bench"]
 
 MODES = ("step", "zero")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclasses.dataclass
@@ -60,8 +62,8 @@ class ZeroBenchConfig(Config):
     """Tokens per cell incl. <cls>."""
     steps: int = 3
     """Optimizer steps per stage."""
-    precision: str = "fp32"
-    """fp32, bf16 or fp16 (as engine.precision)."""
+    precision: str = "auto"
+    """auto (bf16 with use_gpu, fp32 without), fp32, bf16 or fp16 (as engine.precision)."""
     bucket_size: int = 5_000_000
     """engine.bucket_size: communication buckets sized to the model, not DeepSpeed's 5e8."""
 
@@ -74,6 +76,19 @@ class ZeroBenchConfig(Config):
                      "steps", "max_seq_len", "bucket_size"):
             check_range(name, getattr(self, name), 1)
         check_range("median_genes", self.median_genes, 1.0)
+        check_choice("precision", self.precision, PRECISIONS)
+        if self.use_gpu and self.resolved_precision() == "fp32":
+            # NOTE: the benchmark's batches are packed; varlen attention on CUDA runs flash
+            # kernels, which take bf16/fp16 only.
+            raise ConfigError("precision='fp32' with use_gpu=true is refused: the benchmark's "
+                              "packed batches run varlen attention, whose CUDA flash kernels "
+                              "take bf16/fp16; use precision=bf16 (or auto)")
+
+    def resolved_precision(self) -> str:
+        """The engine's precision: `auto` is bf16 with use_gpu, fp32 without."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if self.use_gpu else "fp32"
 
 
 def _rss_peak_mb() -> float:
@@ -121,7 +136,7 @@ def _zero_worker(config: dict[str, Any]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else None
     rss_before = psutil.Process().memory_info().rss / 2**20
     ds_config = build_ds_config(
-        EngineConfig(zero_stage=stage, precision=cfg.precision, warmup_steps=1,
+        EngineConfig(zero_stage=stage, precision=cfg.resolved_precision(), warmup_steps=1,
                      bucket_size=cfg.bucket_size),
         micro_batch_size=cfg.batch_size, world_size=world, total_steps=cfg.steps + 1,
         use_gpu=cfg.use_gpu)
@@ -214,6 +229,8 @@ def main(argv: list[str]) -> int:
         table = format_rows(rows)
     else:
         cfg = ZeroBenchConfig.from_dict(overrides)
+        how = " (auto: bf16 with use_gpu, fp32 without)" if cfg.precision == "auto" else ""
+        print(f"precision {cfg.resolved_precision()}{how}", file=sys.stderr, flush=True)
         rows = run_zero_bench(cfg, address=address)
         table = format_zero_rows(rows)
     print(table)

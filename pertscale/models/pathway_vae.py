@@ -66,6 +66,7 @@ from pertscale.constants import (
     X_RECON,
 )
 from pertscale.data.pathways import PathwaySelection, PathwaySelectionConfig
+from pertscale.models.attention import BackendChoice, plan_attention
 from pertscale.models.output import LossOutput
 from pertscale.models.scgpt import EncoderLayer, GeneEmbedding, ScGPTSize
 from pertscale.models.spec import Exported, ModelConfig, ModelSpec, gene_columns
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 
 MASK_MODES = ("hard", "soft", "soft_gate")
 LIKELIHOODS = ("auto", "nb", "gaussian")
-ENCODER_BACKENDS = ("auto", "reference", "varlen")  # packed layout only
+ENCODER_BACKENDS = ("auto", "reference", "varlen", "flash_attn")  # packed layout only
 N_SPECIAL = len(SPECIAL_TOKENS)
 
 
@@ -90,7 +91,7 @@ class PathwayVAEConfig(ModelConfig):
     n_layers: int = 1                # transformer layers over the gene tokens
     n_heads: int = 4                 # heads of the encoder and of the pathway cross-attention
     d_ff: int = 64                   # encoder feed-forward width
-    attention: str = "auto"          # encoder backend: auto (= varlen) | reference | varlen
+    attention: str = "auto"          # encoder backend: auto | reference | varlen | flash_attn
     mask: str = "hard"               # pathway mask: hard | soft (seed) | soft_gate (variant)
     soft_noise: float = 0.01         # sd of the noise added to W_mask's initial value
     gate_logit: float = 4.0          # soft_gate: initial |W_mask| (non-members at sigmoid(-4))
@@ -103,6 +104,12 @@ class PathwayVAEConfig(ModelConfig):
     target_sum: float = 1e4          # per-cell total of the encoder's log1p-normalised input
     pathways: PathwaySelectionConfig = dataclasses.field(default_factory=PathwaySelectionConfig)
     """Where the pathway tokens come from (GMT, or GO table + DAG) and the selection rules."""
+
+    def attention_shape(self) -> tuple[int, int]:
+        return self.n_layers, self.d_model
+
+    def flash_kernels(self, layout: str) -> bool:
+        return self.attention != "reference"  # the encoder always takes packed tokens
 
     def __post_init__(self) -> None:
         self._check_name("pathway_vae")
@@ -249,7 +256,7 @@ class PathwayVAEEncoder(nn.Module):
                  member_ids: np.ndarray):
         super().__init__()
         C, P = cfg.d_model, len(indptr) - 1
-        self.attention_backend = "varlen" if cfg.attention == "auto" else cfg.attention
+        self.backend = BackendChoice(cfg.attention, "pathway_vae encoder")
         self.gene_embedding = GeneEmbedding(vocab_size, C)
         self.gene_identity = GeneEmbedding(vocab_size, C)
         self.dropout = nn.Dropout(cfg.dropout)
@@ -273,9 +280,10 @@ class PathwayVAEEncoder(nn.Module):
         value_T = batch[EXPRESSION].to(self.readout_PC.dtype)[:, None]
         x = self.dropout(self.gene_embedding(ids_T) * value_T + self.gene_identity(ids_T))
         h = x
-        attn_kwargs = {"cu_seqlens": cu, "max_seqlen": max_seqlen}
+        plan = plan_attention(self.backend("packed", ids_T.device), cu_seqlens=cu,
+                              max_seqlen=max_seqlen)
         for layer in self.layers:
-            h = layer(h, self.attention_backend, attn_kwargs)
+            h = layer(h, plan)
         o_BPC = self.pathways(self.norm(h), self.token_norm(x), ids_T, cu, max_seqlen,
                               dense=dense)
         act_BP = torch.einsum("bpc,pc->bp", o_BPC, self.readout_PC) + self.readout_bias_P

@@ -40,7 +40,13 @@ from pertscale.constants import (
     TARGET_VALUES,
     VALUE_IDS,
 )
-from pertscale.models.attention import ATTENTION_BACKENDS, attention
+from pertscale.models.attention import (
+    ATTENTION_BACKENDS,
+    AttentionPlan,
+    BackendChoice,
+    attention,
+    plan_attention,
+)
 from pertscale.models.output import LossOutput
 from pertscale.models.spec import Exported, ModelConfig, ModelSpec, gene_columns
 
@@ -73,7 +79,7 @@ class ScGPTConfig(ModelConfig):
     n_layers: int = 0                  # override the flavor's depth (0 = flavor default)
     n_heads: int = 0                   # override the flavor's heads (0 = flavor default)
     d_ff: int = 0                      # override the flavor's feed-forward width (0 = default)
-    attention: str = "auto"            # auto (varlen packed / sdpa padded) | reference|sdpa|varlen
+    attention: str = "auto"            # auto | reference | sdpa | varlen | flash_attn (see below)
     generative: bool = False           # scGPT generative mask: unknown genes see known + self
     dropout: float = 0.0               # dropout on embeddings and sublayer outputs (scGPT: 0.2)
     n_conditions: int = 0              # size of the condition embedding (0 = none)
@@ -96,15 +102,19 @@ class ScGPTConfig(ModelConfig):
         if size.d_model % size.n_heads:
             raise ConfigError(f"d_model={size.d_model} is not divisible by n_heads={size.n_heads}")
 
+    def attention_shape(self) -> tuple[int, int]:
+        size = self.size()
+        return size.n_layers, size.d_model
+
+    def flash_kernels(self, layout: str) -> bool:
+        return self.attention in ("varlen", "flash_attn") or (self.attention == "auto"
+                                                               and layout == "packed")
+
     def size(self) -> ScGPTSize:
         """The flavor's sizes with the non-zero overrides applied."""
         base = SCGPT_FLAVORS[self.flavor]
         return ScGPTSize(**{f: getattr(self, f) or getattr(base, f)
                             for f in ("d_model", "n_layers", "n_heads", "d_ff")})
-
-
-# backend "auto": the fastest exact backend for the batch's layout.
-AUTO_BACKEND = {"packed": "varlen", "padded": "sdpa"}
 
 
 class ContinuousValueEncoder(nn.Module):
@@ -150,20 +160,21 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm_first = norm_first
 
-    def _attend(self, x: torch.Tensor, backend: str, attn_kwargs: dict) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         # x is [B, L, C] or [T, C]; heads split the last dim either way.
         q, k, v = self.qkv(x).unflatten(-1, (3, self.n_heads, -1)).unbind(-3)
-        out = attention(q, k, v, backend=backend, **attn_kwargs)
+        out = attention(q, k, v, plan=plan)
         return self.dropout(self.out_proj(out.flatten(-2)))
 
     def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.ff2(self.dropout(F.relu(self.ff1(x)))))
 
-    def forward(self, x: torch.Tensor, backend: str, attn_kwargs: dict) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+        """`plan`: the batch's attention plan (`plan_attention`), shared by every layer."""
         if self.norm_first:
-            x = x + self._attend(self.norm1(x), backend, attn_kwargs)
+            x = x + self._attend(self.norm1(x), plan)
             return x + self._feed_forward(self.norm2(x))
-        x = self.norm1(x + self._attend(x, backend, attn_kwargs))
+        x = self.norm1(x + self._attend(x, plan))
         return self.norm2(x + self._feed_forward(x))
 
 
@@ -224,6 +235,7 @@ class ScGPT(nn.Module):
         C = size.d_model
         self.size = size
         self.attention_backend = attention_backend
+        self.backend = BackendChoice(attention_backend, "scgpt")
         self.generative = generative
         self.gepc_weight = gepc_weight
         self.gene_embedding = GeneEmbedding(vocab_size, C)
@@ -237,11 +249,6 @@ class ScGPT(nn.Module):
         self.final_norm = nn.LayerNorm(C) if norm_first else nn.Identity()
         self.expr_decoder = ExprDecoder(C)
         self.mvc_decoder = MVCDecoder(C)
-
-    def _backend(self, layout: str) -> str:
-        if self.attention_backend == "auto":
-            return AUTO_BACKEND[layout]
-        return self.attention_backend
 
     def forward(self, batch: dict) -> LossOutput:
         gene_ids, value_ids = batch[GENE_IDS], batch[VALUE_IDS]
@@ -259,7 +266,8 @@ class ScGPT(nn.Module):
             valid = ~padding_mask_BL
         if self.generative:
             attn_kwargs["known"] = ~masked & valid
-        backend = self._backend("packed" if packed else "padded")
+        backend = self.backend("packed" if packed else "padded", gene_ids.device)
+        plan = plan_attention(backend, **attn_kwargs)  # once per batch, shared by every layer
 
         gene_emb = self.gene_norm(self.gene_embedding(gene_ids))
         h = gene_emb + self.value_encoder(value_ids)
@@ -272,7 +280,7 @@ class ScGPT(nn.Module):
                      if packed else cond_BC[:, None, :])
         h = self.dropout(h)
         for layer in self.layers:
-            h = layer(h, backend, attn_kwargs)
+            h = layer(h, plan)
         h = self.final_norm(h)
 
         cell_emb_BC = h[cls_idx] if packed else h[:, 0]

@@ -38,6 +38,7 @@ from torch import nn
 
 from pertscale.config import ConfigError, check_choice, check_range
 from pertscale.constants import GENE_IDS, PERT_GENES, PERT_SIGNS, X_CONTROL, X_TARGET
+from pertscale.models.attention import plan_attention
 from pertscale.models.output import LossOutput
 from pertscale.models.scgpt import (
     SCGPT_FLAVORS,
@@ -138,8 +139,9 @@ class ScGPTPerturb(nn.Module):
         h = (self.gene_norm(self.gene_embedding(gene_ids_L))[None] + self.value_encoder(x_BL)
              + self.flag_embedding(flags_BL))
         h = self.dropout(h)
+        plan = plan_attention(self.backend)  # full attention over the step's genes
         for layer in self.layers:
-            h = layer(h, self.backend, {})
+            h = layer(h, plan)
         return self.expr_decoder(self.final_norm(h))
 
     def forward(self, inputs: dict[str, Any]) -> LossOutput:

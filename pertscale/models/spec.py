@@ -89,6 +89,16 @@ class ModelConfig(Config):
         check_choice("model.name", name, MODELS)
         return MODELS[name].config_cls
 
+    def attention_shape(self) -> tuple[int, int]:
+        """(self-attention layers over a cell's tokens, their width) for the attention term of
+        the MFU (pertscale.training.flops); (0, 0) for a model without token attention."""
+        return 0, 0
+
+    def flash_kernels(self, layout: str) -> bool:
+        """True when this model's attention over `layout` ("packed" | "padded") batches runs
+        flash varlen kernels on CUDA, which take bf16/fp16 only."""
+        return False
+
     def _check_name(self, expected: str) -> None:
         if self.name != expected:
             raise ConfigError(f"name={self.name!r}: this section is the {expected!r} model's")

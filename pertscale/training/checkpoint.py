@@ -4,8 +4,8 @@ A checkpoint is one directory; every rank writes its own files into a local dire
 Train merges the ranks' files into one directory in its storage (local path or s3://):
 
     engine/latest, engine/state/...   DeepSpeed `save_checkpoint` (every rank's ZeRO shards)
-    loader_rank{r}.json               the rank's CellLoader.state_dict()
-    rng_rank{r}.pt                    python, numpy, torch (and CUDA) RNG + the tokenizer generator
+    loader_rank{r}.json               the rank's loader position after the last consumed batch
+    rng_rank{r}.pt                    python, numpy, torch RNG and the rank's own CUDA device's
     progress_rank{r}.json             step, cells/tokens consumed, digest of the consumed cell ids,
                                       best validation score and its step (validated tasks)
     best_weights.safetensors          rank 0, validated tasks: full weights of the best step
@@ -25,12 +25,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BEST_FILE",
@@ -95,22 +98,29 @@ class Progress:
         self.micro_step += 1
 
 
-def capture_rng(generator: torch.Generator) -> dict[str, Any]:
-    """Every random state the loop draws from: python, numpy, torch CPU/CUDA, the tokenizer's."""
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    """Every random state the step draws from: python, numpy, torch CPU (dropout, sampling) and
+    the CUDA generator of this worker's own device (never another rank's GPU). The inputs'
+    draws (masking, gene sampling) come from per-batch generators and need no state."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: dict[str, Any], generator: torch.Generator) -> None:
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Put back what `capture_rng` took; a CUDA state is restored on this worker's device. A run
+    saved on GPUs and resumed on CPUs (or the reverse) cannot replay its dropout exactly."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if ("cuda" in state) != (device.type == "cuda"):
+        log.warning("checkpoint RNG state was saved %s a CUDA generator and is restored on %s: "
+                    "dropout after the resume differs from the uninterrupted run",
+                    "with" if "cuda" in state else "without", device)
+    elif "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _rng_tensors(state: dict[str, Any]) -> dict[str, Any]:

@@ -82,6 +82,16 @@ class PretrainJobConfig(Config):
 
 
 def _check_engine(job: PretrainJobConfig | FinetuneJobConfig) -> None:
+    attention = getattr(job.model, "attention", None)
+    layout = job.tokenizer.layout if isinstance(job, PretrainJobConfig) else "packed"
+    if job.trainer.use_gpu and job.engine.precision == "fp32" and job.model.flash_kernels(layout):
+        raise ConfigError(
+            f"engine.precision='fp32' with model.attention={attention!r} on GPUs: {layout} "
+            "batches run flash varlen kernels, which take bf16/fp16; set engine.precision = "
+            "'bf16' (or, for scgpt, tokenizer.layout = 'padded' with model.attention = 'sdpa')")
+    if not job.trainer.use_gpu and attention == "flash_attn":
+        raise ConfigError("model.attention='flash_attn' runs on CUDA only (trainer.use_gpu = "
+                          "true); use 'varlen' (torch's kernels) on CPUs")
     if job.trainer.use_gpu is False and job.engine.backend == "nccl":
         raise ConfigError("engine.backend='nccl' needs trainer.use_gpu=true; CPUs use gloo")
     if job.trainer.use_gpu is False and job.engine.precision != "fp32":

@@ -10,7 +10,7 @@ no DeepSpeed type; it is torch's StepLR handed to `deepspeed.initialize`, whose 
 save and restore its state like any scheduler's. Batch sizes are in cells: a packed micro-batch holds a varying number of tokens.
 
 CPU runs use gloo with `DS_ACCELERATOR=cpu` (set in every worker's environment by the
-trainer); GPU runs use nccl. `deepspeed` is imported inside the functions that need it so
+trainer); GPU runs use nccl with `DS_ACCELERATOR=cuda`. `deepspeed` is imported inside the functions that need it so
 that reading or validating a config never pays for (or requires) the DeepSpeed import.
 """
 
@@ -32,6 +32,7 @@ __all__ = [
     "build_engine",
     "build_lr_scheduler",
     "full_state_dict",
+    "optimizer_kernel",
     "resolve_backend",
 ]
 
@@ -89,8 +90,10 @@ class EngineConfig(Config):
     offload_params: str = "none"
     """Parameters on the device ("none") or in CPU memory ("cpu"; ZeRO stage 3 only)."""
     optimizer_impl: str = "auto"
-    """AdamW kernel: "torch" (torch.optim.AdamW), "deepspeed" (FusedAdam / DeepSpeedCPUAdam,
-    compiled on first use) or "auto" (deepspeed on GPUs or with offload, torch otherwise)."""
+    """AdamW kernel: "torch" (torch.optim.AdamW; fused=True on GPUs), "deepspeed" (FusedAdam /
+    DeepSpeedCPUAdam, JIT-compiled on first use: FusedAdam needs nvcc on GPU nodes) or "auto"
+    (DeepSpeedCPUAdam with offload_optimizer='cpu', torch's otherwise). The choice is logged
+    (`optimizer_kernel`)."""
     backend: str = "auto"
     """torch.distributed backend: "auto" = nccl with GPUs, gloo on CPUs."""
     fp16_initial_scale_power: int = 16
@@ -148,12 +151,23 @@ def resolve_backend(cfg: EngineConfig, use_gpu: bool) -> str:
     return cfg.backend
 
 
-def _use_torch_adam(cfg: EngineConfig, use_gpu: bool) -> bool:
+def _use_torch_adam(cfg: EngineConfig) -> bool:
     if cfg.optimizer_impl == "auto":
-        # NOTE: on CPU without offload DeepSpeed's FusedAdam is a JIT-compiled C++ op; torch's
-        # AdamW is the same update without the first-use compile.
-        return not use_gpu and cfg.offload_optimizer == "none"
+        # NOTE: DeepSpeed's FusedAdam is JIT-compiled on first use (nvcc on GPUs, a C++ op on
+        # CPUs); torch's AdamW (fused on GPUs) is the same update with nothing to compile.
+        # Offloaded states are stepped on the host by DeepSpeed's CPU Adam.
+        return cfg.offload_optimizer == "none"
     return cfg.optimizer_impl == "torch"
+
+
+def optimizer_kernel(cfg: EngineConfig, use_gpu: bool) -> str:
+    """The optimizer implementation `build_ds_config` selects, in words (logged by the run)."""
+    name = "AdamW" if cfg.optimizer == "adamw" else "Adam"
+    if _use_torch_adam(cfg):
+        return f"torch.optim.{name}" + ("(fused=True)" if use_gpu else "")
+    if cfg.offload_optimizer != "none":
+        return f"deepspeed DeepSpeedCPUAdam ({name.lower()} mode, offloaded states)"
+    return f"deepspeed FusedAdam ({name.lower()} mode, JIT-compiled)"
 
 
 def build_ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int,
@@ -180,8 +194,10 @@ def build_ds_config(cfg: EngineConfig, *, micro_batch_size: int, world_size: int
     }
     if cfg.optimizer == "adam":
         optimizer_params["adam_w_mode"] = False
-    if _use_torch_adam(cfg, use_gpu):
+    if _use_torch_adam(cfg):
         optimizer_params["torch_adam"] = True
+        if use_gpu:
+            optimizer_params["fused"] = True  # passed through to torch.optim.AdamW
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum_steps,

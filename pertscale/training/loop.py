@@ -25,6 +25,10 @@ Logging: the model's `LossOutput.metrics` are per-batch averages (logged as thei
 its `counts` per-batch totals (logged as window sums over all ranks); the loop never special-
 cases a metric name.
 
+Inputs are made off the training thread (`pertscale.training.inputs.InputStream`: tokenised in
+a background thread with a generator per batch position, pinned on GPUs, copied with
+non_blocking); a checkpoint saves the loader position of the last batch a step consumed.
+
 Every rank draws the same number of batches per epoch (the loaders guarantee it), so the ZeRO
 collectives never wait on a rank that ran dry. Only rank 0 talks to MLflow and the progress
 board; metrics are reduced over all ranks first.
@@ -32,6 +36,8 @@ board; metrics are reduced over all ranks first.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import random
 import tempfile
 import time
@@ -54,24 +60,30 @@ from pertscale.training.checkpoint import (
     save_rank_state,
     write_meta,
 )
+from pertscale.training.inputs import InputStream, Prepared
 
-__all__ = ["InjectedFailure", "peak_flops", "train_loop_per_worker"]
+log = logging.getLogger(__name__)
 
-# Dense bf16 peak FLOP/s of common accelerators, for model FLOPs utilisation.
-_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-               "A10G": 70e12, "A10": 125e12, "V100": 125e12}
+__all__ = ["InjectedFailure", "device_peak_flops", "train_loop_per_worker"]
 
 
 class InjectedFailure(RuntimeError):
     """Raised by `trainer.fail_at_step`: a worker failure on purpose."""
 
 
-def peak_flops(device: torch.device) -> float | None:
-    """Peak FLOP/s of a known GPU model; None on CPUs and unknown devices (no MFU logged)."""
+def device_peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of this worker's GPU at the training precision (pertscale.training.flops);
+    None on CPUs and unknown devices, where no MFU is logged (said once)."""
+    from pertscale.training.flops import peak_flops
+
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops(name, precision, tf32=torch.backends.cuda.matmul.allow_tf32)
+    if peak is None:
+        log.info("no MFU: the peak FLOP/s of %r is not in pertscale.training.flops.PEAK_FLOPS",
+                 name)
+    return peak
 
 
 def _to_device(tokens: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -79,13 +91,13 @@ def _to_device(tokens: dict[str, Any], device: torch.device) -> dict[str, Any]:
             for k, v in tokens.items()}
 
 
-def _seed_rank(seed: int, rank: int) -> torch.Generator:
-    """Per-rank streams for dropout (torch), numpy, python, and the tokenizer's masking."""
+def _seed_rank(seed: int, rank: int, device: torch.device) -> None:
+    """Per-rank streams for dropout (torch, this rank's own CUDA device), numpy and python; the
+    inputs' draws come from per-batch generators (pertscale.training.inputs)."""
     stream = seed * 1_000_003 + rank + 1
     random.seed(stream)
     np.random.seed(stream % 2**32)
-    torch.manual_seed(stream)
-    return torch.Generator().manual_seed(stream)
+    torch.manual_seed(stream)  # NOTE: seeds every visible GPU too; this rank draws on its own
 
 
 def _all_reduce_sum(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
@@ -153,7 +165,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         build_lr_scheduler,
         full_state_dict,
         model_init_context,
+        optimizer_kernel,
     )
+    from pertscale.training.flops import mfu, model_flops, non_embedding_params, sequence_work
 
     job = JOB_KINDS[config.get("kind", "pretrain")].from_dict(config["job"])
     run = config["run"]
@@ -184,7 +198,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     engine = build_engine(model, ds_config, lr_scheduler=build_lr_scheduler(eng))
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                    for p in engine.module.parameters())
-    generator = _seed_rank(tr.seed, rank)
+    _seed_rank(tr.seed, rank, device)
     progress = Progress()
     best_weights: dict[str, torch.Tensor] | None = None
 
@@ -201,7 +215,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 best_weights = load_file(str(Path(ckpt_dir) / BEST_FILE))
         loader.load_state_dict(loader_state)
         resumed_from = progress.step
-        restore_rng(rng_state, generator)
+        restore_rng(rng_state, device)
 
     logger = rank_logger = None  # rank 0's (the run's metrics); this rank's own
     # NOTE: with a tracking server every rank also logs its node and throughput (a cluster's
@@ -218,10 +232,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = rank_logger if rank == 0 else None
         if logger is not None and restored is None:
             logger.log_params({**job.to_dict(), "engine.ds_config": ds_config,
+                               "engine.optimizer_kernel": optimizer_kernel(eng, tr.use_gpu),
                                "model.num_params": n_params, "trainer.world_size": world})
         if server:
             rank_logger.set_tags({f"rank{rank}.node_ip": ray.util.get_node_ip_address()})
-    flops_peak = peak_flops(device)
+    if rank == 0:
+        log.info("optimizer: %s", optimizer_kernel(eng, tr.use_gpu))
+    flops_peak = device_peak_flops(device, eng.precision)
+    n_compute = non_embedding_params(engine.module)  # the MFU's N (module doc of flops)
+    attn_layers, attn_width = job.model.attention_shape()
+
+    def work(inputs: dict[str, Any]) -> tuple[int, int]:
+        n_tok = spec.num_tokens(inputs) if spec.num_tokens else 0
+        return n_tok, (sequence_work(inputs)[1] if n_tok and attn_layers else 0)
+
+    stream = InputStream(loader, make_inputs, seed=tr.seed, rank=rank,
+                         pin_memory=device.type == "cuda", work=work)
+    position = {**loader.state_dict()}  # of the last batch a step consumed
+    epoch_now = loader.epoch
     board = run.get("progress_board")
     if tr.fail_at_step >= 0 and board is None:
         raise ValueError("trainer.fail_at_step needs the driver's progress board (which holds the "
@@ -234,8 +262,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _average_buffers(engine.module, world)
         with tempfile.TemporaryDirectory(prefix=f"pertscale-ckpt-r{rank}-") as tmp:
             out = Path(tmp)
-            save_rank_state(out, rank, engine=engine, loader_state=loader.state_dict(),
-                            rng_state=capture_rng(generator), progress=progress)
+            save_rank_state(out, rank, engine=engine, loader_state=position,
+                            rng_state=capture_rng(device), progress=progress)
             if rank == 0 and best_weights is not None:
                 from safetensors.torch import save_file
 
@@ -256,7 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     if best_weights is not None and job.export_weights == "best":
                         weights = best_weights
                     if validate is not None:  # paired: the final step ends an epoch
-                        training.update(epochs_run=loader.epoch + 1, stopped_early=stopped)
+                        training.update(epochs_run=epoch_now + 1, stopped_early=stopped)
                     save_model_dir(out / MODEL_DIR, spec.export(
                         job.model, weights,
                         {"job": job.to_dict(), "vocab": loader.store.vocab.tokens
@@ -292,77 +320,85 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         stop = 0 < job.patience <= progress.stale_epochs
         if logger is not None:
             logger.log_metrics({**scores, f"best_{validate.score}": progress.best_score,
-                                "epoch": float(loader.epoch), "epoch_train_s": train_s,
+                                "epoch": float(epoch_now), "epoch_train_s": train_s,
                                 "worker_peak_rss_mb": peak_rss_mb()},
                                step=progress.step)
             if stop:
-                logger.set_tags({"stopped_early_after_epochs": str(loader.epoch + 1)})
+                logger.set_tags({"stopped_early_after_epochs": str(epoch_now + 1)})
         epoch_t0 = time.perf_counter()
         return stop
 
     def fresh_window() -> dict[str, float]:
-        return {"loss": 0.0, "micro": 0, "cells": 0, "tokens": 0, "t0": time.perf_counter()}
+        return {"loss": 0.0, "micro": 0, "cells": 0, "tokens": 0, "sum_sq": 0,
+                "t0": time.perf_counter()}
 
     window, metric_sums, count_sums = fresh_window(), {}, {}
+
+    def train_step(item: Prepared) -> bool:
+        """One micro-batch (and, at the end of an accumulation window, the optimizer step and
+        its logging); True when training should stop early."""
+        nonlocal window, metric_sums, count_sums, position, epoch_now
+        batch = item.batch
+        out = engine(_to_device(item.inputs, device))
+        engine.backward(out.loss)
+        engine.step()
+        position, epoch_now = item.position, item.epoch
+        progress.consume(batch[CELL_INDEX], item.tokens)
+        epoch_done = validate is not None and item.at_epoch_end
+        # NOTE: summed on the device in float64; read back once per log window, so a step
+        # never waits for the GPU just to record its loss.
+        window["loss"] = window["loss"] + out.loss.detach().double()
+        window["micro"] += 1
+        window["cells"] += len(batch[CELL_INDEX])
+        window["tokens"] += item.tokens
+        window["sum_sq"] += item.sum_sq_len
+        for sums, terms in ((metric_sums, out.metrics), (count_sums, out.counts)):
+            for name, value in terms.items():  # the model's own terms, e.g. mlm_mse
+                sums[name] = sums.get(name, 0.0) + value.detach().double()
+        if progress.micro_step % eng.grad_accum_steps != 0:
+            # inside an accumulation window: DeepSpeed stepped no optimizer
+            return epoch_done and end_of_epoch()
+        progress.step += 1
+        if progress.step % tr.log_every == 0 or progress.step == tr.max_steps:
+            # the same names on every rank: one model
+            names, counted = sorted(metric_sums), sorted(count_sums)
+            loss_sum, micro, cells, n_tok, sum_sq, *term_sums = _all_reduce_sum(
+                [window["loss"], window["micro"], window["cells"], window["tokens"],
+                 window["sum_sq"], *(metric_sums[n] for n in names),
+                 *(count_sums[n] for n in counted)], device)
+            elapsed = max(time.perf_counter() - window["t0"], 1e-9)
+            metrics = {"loss": loss_sum / max(micro, 1), "lr": float(engine.get_lr()[0]),
+                       "cells_per_s": cells / elapsed, "tokens_per_s": n_tok / elapsed,
+                       "epoch": float(epoch_now),
+                       **{n: v / max(micro, 1) for n, v in zip(names, term_sums)},
+                       **dict(zip(counted, term_sums[len(names):]))}
+            if flops_peak and n_tok:
+                flops = model_flops(n_compute, int(n_tok), n_layers=attn_layers,
+                                    d_model=attn_width, sum_sq_len=int(sum_sq))
+                metrics["mfu"] = mfu(flops, elapsed, flops_peak, world)  # all ranks' devices
+            if rank_logger is not None:
+                own = {f"rank{rank}.cells_per_s": window["cells"] / elapsed} if server else {}
+                rank_logger.log_metrics({**(metrics if rank == 0 else {}), **own},
+                                        step=progress.step)
+            if rank == 0 and board is not None:
+                board.post.remote(progress.step, metrics)
+            window, metric_sums, count_sums = fresh_window(), {}, {}
+        return epoch_done and end_of_epoch()
+
     epoch_t0 = time.perf_counter()
     engine.train()
     stopped = False
     while progress.step < tr.max_steps and not stopped:
-        for batch in loader:
-            if fail_here and progress.step == tr.fail_at_step and \
-                    ray.get(board.claim_failure.remote()):
-                raise InjectedFailure(
-                    f"trainer.fail_at_step={tr.fail_at_step}: rank {rank} fails on purpose")
-            inputs = make_inputs(batch, generator=generator)
-            n_tokens = spec.num_tokens(inputs) if spec.num_tokens else 0
-            out = engine(_to_device(inputs, device))
-            engine.backward(out.loss)
-            engine.step()
-            progress.consume(batch[CELL_INDEX], n_tokens)
-            epoch_done = validate is not None and loader.at_epoch_end
-            # NOTE: summed on the device in float64; read back once per log window, so a step
-            # never waits for the GPU just to record its loss.
-            window["loss"] = window["loss"] + out.loss.detach().double()
-            window["micro"] += 1
-            window["cells"] += len(batch[CELL_INDEX])
-            window["tokens"] += n_tokens
-            for sums, terms in ((metric_sums, out.metrics), (count_sums, out.counts)):
-                for name, value in terms.items():  # the model's own terms, e.g. mlm_mse
-                    sums[name] = sums.get(name, 0.0) + value.detach().double()
-            if progress.micro_step % eng.grad_accum_steps != 0:
-                if epoch_done and end_of_epoch():
-                    stopped = True
+        with contextlib.closing(stream.epoch_items()) as items:
+            for item in items:
+                if fail_here and progress.step == tr.fail_at_step and \
+                        ray.get(board.claim_failure.remote()):
+                    raise InjectedFailure(
+                        f"trainer.fail_at_step={tr.fail_at_step}: rank {rank} fails on purpose")
+                stopped = train_step(item)
+                if stopped or progress.step >= tr.max_steps:
                     break
-                continue  # inside an accumulation window: DeepSpeed stepped no optimizer
-            progress.step += 1
-            if progress.step % tr.log_every == 0 or progress.step == tr.max_steps:
-                # the same names on every rank: one model
-                names, counted = sorted(metric_sums), sorted(count_sums)
-                loss_sum, micro, cells, n_tok, *term_sums = _all_reduce_sum(
-                    [window["loss"], window["micro"], window["cells"], window["tokens"],
-                     *(metric_sums[n] for n in names), *(count_sums[n] for n in counted)],
-                    device)
-                elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-                metrics = {"loss": loss_sum / max(micro, 1), "lr": float(engine.get_lr()[0]),
-                           "cells_per_s": cells / elapsed, "tokens_per_s": n_tok / elapsed,
-                           "epoch": float(loader.epoch),
-                           **{n: v / max(micro, 1) for n, v in zip(names, term_sums)},
-                           **dict(zip(counted, term_sums[len(names):]))}
-                if flops_peak:
-                    # 6 N FLOPs per token (forward + backward) over all ranks' devices.
-                    metrics["mfu"] = 6 * n_params * n_tok / elapsed / (flops_peak * world)
-                if rank_logger is not None:
-                    own = {f"rank{rank}.cells_per_s": window["cells"] / elapsed} if server else {}
-                    rank_logger.log_metrics({**(metrics if rank == 0 else {}), **own},
-                                            step=progress.step)
-                if rank == 0 and board is not None:
-                    board.post.remote(progress.step, metrics)
-                window, metric_sums, count_sums = fresh_window(), {}, {}
-            if epoch_done and end_of_epoch():
-                stopped = True
-                break
-            if progress.step >= tr.max_steps:
-                break
-            if progress.step % tr.checkpoint_every == 0:
-                checkpoint(final=False)
+                if progress.step % tr.checkpoint_every == 0 and \
+                        progress.micro_step % eng.grad_accum_steps == 0:
+                    checkpoint(final=False)
     checkpoint(final=True)

@@ -105,12 +105,20 @@ class TrainerConfig(Config):
 
 
 def worker_env(use_gpu: bool, torch_threads: int) -> dict[str, str]:
-    """Environment every worker needs before it imports deepspeed."""
+    """Environment every worker needs before it imports deepspeed: DS_ACCELERATOR=cpu on CPU
+    workers; on GPU workers the driver's DS_ACCELERATOR unless it says cpu (the Makefile and
+    CPU shells export that), else cuda. A value replaced here is logged."""
     env = {"OMP_NUM_THREADS": str(torch_threads)}
+    driver = os.environ.get("DS_ACCELERATOR", "")
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"
-    elif "DS_ACCELERATOR" in os.environ:
-        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    elif driver and driver != "cpu":
+        env["DS_ACCELERATOR"] = driver  # e.g. another accelerator DeepSpeed supports
+    else:
+        env["DS_ACCELERATOR"] = "cuda"
+        if driver == "cpu":
+            log.info("trainer.use_gpu=true: GPU workers get DS_ACCELERATOR=cuda (this shell "
+                     "exports DS_ACCELERATOR=cpu)")
     return env
 
 

@@ -87,6 +87,7 @@ def test_reference_run_is_tracked_in_mlflow(reference_run):
     assert run.info.status == "FINISHED"
     assert run.data.params["engine.zero_stage"] == "2"
     assert run.data.params["engine.ds_config.zero_optimization.stage"] == "2"
+    assert run.data.params["engine.optimizer_kernel"] == "torch.optim.AdamW"  # CPUs: not fused
     for name in ("loss", "lr", "cells_per_s", "tokens_per_s"):
         history = client.get_metric_history(result.mlflow_run_id, name)
         assert [m.step for m in history] == [2, 4, 6, 8, 10, 12], name

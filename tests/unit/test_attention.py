@@ -5,10 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pertscale.models.attention import ATTENTION_BACKENDS, attention
+from pertscale.models.attention import (
+    ATTENTION_BACKENDS,
+    BackendChoice,
+    _merge_self,
+    attention,
+    plan_attention,
+    resolve_backend,
+)
 
 torch.set_num_threads(2)
 H, D = 4, 16
+CPU_BACKENDS = [b for b in ATTENTION_BACKENDS if b != "flash_attn"]  # flash_attn: CUDA only
 
 
 def _packed_batch(seed: int, lengths: list[int], known_ratio: float = 0.6):
@@ -50,7 +58,7 @@ def _run(backend, q, k, v, cu, max_len, known, generative):
 
 
 @pytest.mark.parametrize("generative", [False, True], ids=["full", "generative"])
-@pytest.mark.parametrize("backend", [b for b in ATTENTION_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_backend_matches_reference(backend, generative, seed):
     lengths = [7, 1, 33, 18] if seed == 0 else [50, 3, 2, 64, 9]
@@ -102,7 +110,7 @@ def test_packed_sequences_do_not_attend_across_cells():
 
 def test_unknown_backend_lists_options():
     q = torch.zeros(1, 2, H, D)
-    with pytest.raises(ValueError, match="reference.*sdpa.*varlen"):
+    with pytest.raises(ValueError, match="flash_attn.*reference.*sdpa.*varlen"):
         attention(q, q, q, backend="flash3")
 
 
@@ -128,3 +136,71 @@ def test_varlen_bf16_close_to_fp32(generative):
     for e, g in zip(expected, got):
         assert g.dtype == torch.bfloat16
         torch.testing.assert_close(g.float(), e, atol=0.05, rtol=0.05)
+
+
+def test_generative_merge_of_a_row_without_keys_ignores_the_kernels_lse():
+    """FlashAttention-2 writes +inf as the log-sum-exp of a query with no keys, torch's CPU path
+    -inf: both merge to the same finite output (out = v for an unknown query of a cell with no
+    known gene), never NaN."""
+    T = 5
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
+    known = torch.tensor([True, False, False, False, False])
+    no_keys = torch.tensor([False, False, True, True, True])  # tokens 2-4: a cell of no known gene
+    o_known = torch.randn(T, H, D, generator=g)
+    lse_known = torch.randn(T, H, generator=g)
+    merged = {}
+    for fill in (float("inf"), float("-inf"), 3.0):
+        lse = lse_known.clone()
+        lse[2:] = fill
+        o = o_known.clone()
+        o[2:] = float("nan") if fill == 3.0 else 0.0  # what a kernel leaves there is not read
+        merged[fill], lse_out, w_self = _merge_self(o, lse, no_keys, q, k, v, known, 0.25)
+        assert torch.isfinite(merged[fill]).all() and torch.isfinite(lse_out).all()
+        torch.testing.assert_close(merged[fill][2:], v[2:])
+        torch.testing.assert_close(w_self[2:], torch.ones(3, H))
+    torch.testing.assert_close(merged[float("inf")], merged[float("-inf")])
+    torch.testing.assert_close(merged[3.0], merged[float("-inf")])
+
+
+def test_resolve_backend_auto_and_refusals():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", layout="padded", device=cpu) == "sdpa"
+    assert resolve_backend("auto", layout="packed", device=cpu) == "varlen"
+    with pytest.raises(ValueError, match="'flash_attn' runs on CUDA only"):
+        resolve_backend("flash_attn", layout="packed", device=cpu)
+    with pytest.raises(ValueError, match="'sdpa' takes the padded layout"):
+        resolve_backend("sdpa", layout="packed", device=cpu)
+    with pytest.raises(ValueError, match="'varlen' takes the packed layout"):
+        resolve_backend("varlen", layout="padded", device=cpu)
+
+
+def test_backend_choice_resolves_once_and_logs(caplog):
+    choice = BackendChoice("auto", "scgpt")
+    with caplog.at_level("INFO", logger="pertscale.models.attention"):
+        for _ in range(3):
+            assert choice("packed", torch.device("cpu")) == "varlen"
+        assert choice("padded", torch.device("cpu")) == "sdpa"
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [("scgpt attention: packed batches on cpu run torch flash kernel per "
+                      "sequence (CPU) (requested 'auto')"),
+                     "scgpt attention: padded batches on cpu run sdpa (padded) (requested 'auto')"]
+
+
+def test_generative_index_sets_are_computed_once_per_batch(monkeypatch):
+    """The plan computes the known-key index sets (a device sync on CUDA) once; the layers
+    sharing it never call nonzero() or max() again."""
+    q, k, v, cu, max_len, known = _packed_batch(8, [9, 4, 12])
+    plan = plan_attention("varlen", cu_seqlens=cu, max_seqlen=max_len, known=known)
+    calls = []
+    for name in ("nonzero", "max"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _o=original, _n=name, **kw: (calls.append(_n),
+                                                                        _o(self, *a, **kw))[1])
+    outs = [attention(q, k, v, plan=plan) for _ in range(4)]  # four layers
+    monkeypatch.undo()
+    assert calls == []
+    expected = attention(q, k, v, backend="reference", cu_seqlens=cu, max_seqlen=max_len,
+                         known=known)
+    torch.testing.assert_close(outs[-1], expected, atol=1e-5, rtol=1e-5)

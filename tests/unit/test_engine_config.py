@@ -15,6 +15,7 @@ from pertscale.training.engine import (
     EngineConfig,
     build_ds_config,
     full_state_dict,
+    optimizer_kernel,
     resolve_backend,
 )
 
@@ -62,9 +63,21 @@ def test_offload_blocks_and_optimizer_kernel():
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
     # offloaded states are stepped by DeepSpeed's CPU Adam, not torch's
     assert "torch_adam" not in ds["optimizer"]["params"]
+    assert optimizer_kernel(EngineConfig(zero_stage=2, offload_optimizer="cpu"), use_gpu=True) \
+        == "deepspeed DeepSpeedCPUAdam (adamw mode, offloaded states)"
+    # GPUs without offload: torch's fused AdamW (DeepSpeed's FusedAdam would need nvcc)
     gpu = build_ds_config(EngineConfig(), micro_batch_size=1, world_size=1, total_steps=5,
                           use_gpu=True)
-    assert "torch_adam" not in gpu["optimizer"]["params"]  # FusedAdam on GPUs
+    assert gpu["optimizer"]["params"]["torch_adam"] is True
+    assert gpu["optimizer"]["params"]["fused"] is True
+    assert optimizer_kernel(EngineConfig(), use_gpu=True) == "torch.optim.AdamW(fused=True)"
+    assert "fused" not in _ds()["optimizer"]["params"]  # CPUs: torch's AdamW, not fused
+    assert optimizer_kernel(EngineConfig(optimizer="adam"), use_gpu=False) == "torch.optim.Adam"
+    explicit = build_ds_config(EngineConfig(optimizer_impl="deepspeed"), micro_batch_size=1,
+                               world_size=1, total_steps=5, use_gpu=True)
+    assert "torch_adam" not in explicit["optimizer"]["params"]
+    assert optimizer_kernel(EngineConfig(optimizer_impl="deepspeed"), use_gpu=True) \
+        == "deepspeed FusedAdam (adamw mode, JIT-compiled)"
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -101,6 +114,31 @@ def test_pretrain_job_cross_checks():
                                      "model": {"n_conditions": 2}})
     with pytest.raises(ConfigError, match="fail_at_step=20 must be below max_steps=20"):
         PretrainJobConfig.from_dict({"trainer": {"max_steps": 20, "fail_at_step": 20}})
+
+
+@pytest.mark.parametrize("model, tokenizer", [
+    ({"name": "scgpt"}, {}),                                       # auto on packed batches
+    ({"name": "scgpt", "attention": "varlen"}, {"layout": "padded"}),
+    ({"name": "scgpt", "attention": "flash_attn"}, {}),
+    ({"name": "pathway_vae"}, {}),
+])
+def test_fp32_with_flash_kernels_on_gpus_is_refused_at_config_time(model, tokenizer):
+    from pertscale.training.config import PretrainJobConfig
+
+    job = {"model": model, "tokenizer": tokenizer, "trainer": {"use_gpu": True}}
+    with pytest.raises(ConfigError, match="engine.precision='fp32' with model.attention=.*"
+                                          "flash varlen kernels, which take bf16/fp16"):
+        PretrainJobConfig.from_dict(job)
+    PretrainJobConfig.from_dict({**job, "engine": {"precision": "bf16"}})  # the fix it names
+
+
+def test_fp32_padded_sdpa_on_gpus_and_flash_attn_on_cpus():
+    from pertscale.training.config import PretrainJobConfig
+
+    PretrainJobConfig.from_dict({"model": {"attention": "sdpa"}, "tokenizer": {"layout": "padded"},
+                                 "trainer": {"use_gpu": True}})  # no flash kernel: fp32 is fine
+    with pytest.raises(ConfigError, match="model.attention='flash_attn' runs on CUDA only"):
+        PretrainJobConfig.from_dict({"model": {"attention": "flash_attn"}})
 
 
 @pytest.fixture(scope="module")
