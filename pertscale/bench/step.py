@@ -111,18 +111,12 @@ class StepBenchConfig(Config):
         check_choice("device", self.device, DEVICES)
         check_choice("precision", self.precision, PRECISIONS)
         self.model_config()  # sizes: flavor, overrides >= 0, d_model divisible by n_heads
-        if self.device == "cuda" and self.resolved_precision() == "fp32":
-            # NOTE: the packed contender is always timed, and its varlen attention on CUDA runs
-            # flash kernels, which take bf16/fp16 only.
-            raise ConfigError("precision='fp32' with device='cuda' is refused: the packed "
-                              "contender's varlen attention runs CUDA flash kernels, which take "
-                              "bf16/fp16; use precision=bf16 (or auto)")
+        self.resolved_precision()  # the packed contender is always timed
 
     def resolved_precision(self) -> str:
         """The precision the steps run in: `auto` is bf16 on cuda, fp32 on cpu."""
-        if self.precision != "auto":
-            return self.precision
-        return "bf16" if self.device == "cuda" else "fp32"
+        return bench_precision(self.precision, gpu=self.device == "cuda",
+                               gpu_field="device='cuda'")
 
     def model_config(self, layout: str = "packed") -> ScGPTConfig:
         """Our scgpt at the flavor's sizes with the non-zero overrides, with the attention
@@ -130,6 +124,18 @@ class StepBenchConfig(Config):
         return ScGPTConfig(flavor=self.flavor, d_model=self.d_model, n_layers=self.n_layers,
                            n_heads=self.n_heads, d_ff=self.d_ff, dropout=self.dropout,
                            attention=BACKENDS[layout])
+
+
+def bench_precision(precision: str, *, gpu: bool, gpu_field: str) -> str:
+    """`precision` of a benchmark of packed batches: "auto" is bf16 on GPUs, fp32 on CPUs; fp32
+    on GPUs is refused (`gpu_field` names the setting that asked for GPUs)."""
+    resolved = precision if precision != "auto" else ("bf16" if gpu else "fp32")
+    if gpu and resolved == "fp32":
+        # NOTE: varlen attention on CUDA runs flash kernels, which take bf16/fp16 only.
+        raise ConfigError(f"precision='fp32' with {gpu_field} is refused: packed batches run "
+                          "varlen attention, whose CUDA flash kernels take bf16/fp16; use "
+                          "precision=bf16 (or auto)")
+    return resolved
 
 
 def synthetic_csr_batch(cfg: StepBenchConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:

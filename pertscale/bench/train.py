@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pertscale.config import Config, ConfigError, check_choice, check_range, parse_overrides
+from pertscale.config import Config, check_choice, check_range, parse_overrides
 from pertscale.paths import storage_root
 
 __all__ = ["ZeroBenchConfig", "main", "run_zero_bench"]
@@ -77,18 +77,13 @@ class ZeroBenchConfig(Config):
             check_range(name, getattr(self, name), 1)
         check_range("median_genes", self.median_genes, 1.0)
         check_choice("precision", self.precision, PRECISIONS)
-        if self.use_gpu and self.resolved_precision() == "fp32":
-            # NOTE: the benchmark's batches are packed; varlen attention on CUDA runs flash
-            # kernels, which take bf16/fp16 only.
-            raise ConfigError("precision='fp32' with use_gpu=true is refused: the benchmark's "
-                              "packed batches run varlen attention, whose CUDA flash kernels "
-                              "take bf16/fp16; use precision=bf16 (or auto)")
+        self.resolved_precision()
 
     def resolved_precision(self) -> str:
         """The engine's precision: `auto` is bf16 with use_gpu, fp32 without."""
-        if self.precision != "auto":
-            return self.precision
-        return "bf16" if self.use_gpu else "fp32"
+        from pertscale.bench.step import bench_precision
+
+        return bench_precision(self.precision, gpu=self.use_gpu, gpu_field="use_gpu=true")
 
 
 def _rss_peak_mb() -> float:
