@@ -136,6 +136,14 @@ CASES = [
     ("pretrain-fp16-on-cpus", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
                                "--data.store_uri=WORLD/store", "--engine.precision=fp16"], 2,
      ["engine.precision='fp16' needs trainer.use_gpu=true"], {}),
+    ("pretrain-fp32-flash-on-gpus", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
+                                     "--data.store_uri=WORLD/store", "--trainer.use_gpu=true"], 2,
+     ["engine.precision='fp32' with model.attention='auto'", "bf16/fp16",
+      "engine.precision = 'bf16'"], {}),
+    ("pretrain-flash-attn-on-cpus", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
+                                     "--data.store_uri=WORLD/store",
+                                     "--model.attention=flash_attn"], 2,
+     ["model.attention='flash_attn' runs on CUDA only"], {}),
     ("pretrain-lr-nan", ["pretrain", "--config", "REPO/configs/scgpt_debug.toml",
                          "--data.store_uri=WORLD/store", "--engine.lr=nan"], 2,
      ["engine.lr=nan is not a finite number"], {}),
@@ -298,6 +306,7 @@ def test_a_gpu_run_on_a_machine_without_gpus_is_refused_not_waited_for(world):
     t0 = time.monotonic()
     proc = run(["pretrain", "--config", "configs/scgpt_debug.toml",
                 f"--data.store_uri={world / 'store'}", "--trainer.use_gpu=true",
+                "--engine.precision=bf16",  # a valid GPU config (fp32 + flash is refused first)
                 "--tracking.enabled=false"], REPO, timeout=90)
     assert_one_line(proc, "pretrain", 2, ["cannot be placed", "0 GPU",
                                           "trainer.use_gpu=false"])
