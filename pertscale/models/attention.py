@@ -121,12 +121,7 @@ def resolve_backend(requested: str, *, layout: str, device: torch.device) -> str
         if layout == "padded":
             return "sdpa"
         return "flash_attn" if device.type == "cuda" and _flash_attn_varlen()[0] else "varlen"
-    if requested == "sdpa" and layout == "packed":
-        raise ValueError("attention backend 'sdpa' takes the padded layout (padding_mask); "
-                         "use 'varlen' for packed batches")
-    if requested in ("varlen", "flash_attn") and layout == "padded":
-        raise ValueError(f"attention backend {requested!r} takes the packed layout "
-                         "(cu_seqlens); use 'sdpa' for padded batches")
+    _check_layout(requested, packed=layout == "packed")
     if requested == "flash_attn":
         if device.type != "cuda":
             raise ValueError(f"attention backend 'flash_attn' runs on CUDA only (this is "
@@ -137,6 +132,15 @@ def resolve_backend(requested: str, *, layout: str, device: torch.device) -> str
                              f"not import ({why}); install it (pip install 'pertscale[flash]') or "
                              f"use 'varlen' (torch's FlashAttention-2 varlen kernel)")
     return requested
+
+
+def _check_layout(backend: str, *, packed: bool) -> None:
+    if backend == "sdpa" and packed:
+        raise ValueError("attention backend 'sdpa' takes the padded layout (padding_mask); "
+                         "use 'varlen' for packed batches")
+    if backend in ("varlen", "flash_attn") and not packed:
+        raise ValueError(f"attention backend {backend!r} takes the packed layout (cu_seqlens); "
+                         "use 'sdpa' for padded batches")
 
 
 class BackendChoice:
@@ -175,12 +179,7 @@ def plan_attention(backend: str, *, padding_mask: torch.Tensor | None = None,
     if cu_seqlens is not None and padding_mask is not None:
         raise ValueError("give either padding_mask (padded layout) or cu_seqlens (packed), not both")
     packed = cu_seqlens is not None
-    if backend == "sdpa" and packed:
-        raise ValueError("attention backend 'sdpa' takes the padded layout (padding_mask); "
-                         "use 'varlen' for packed batches")
-    if backend in ("varlen", "flash_attn") and not packed:
-        raise ValueError(f"attention backend {backend!r} takes the packed layout (cu_seqlens); "
-                         "use 'sdpa' for padded batches")
+    _check_layout(backend, packed=packed)
     plan = AttentionPlan(backend, padding_mask=padding_mask, cu_seqlens=cu_seqlens,
                          known=known)
     if packed:

@@ -234,7 +234,6 @@ class ScGPT(nn.Module):
                              f"['continuous', 'category']")
         C = size.d_model
         self.size = size
-        self.attention_backend = attention_backend
         self.backend = BackendChoice(attention_backend, "scgpt")
         self.generative = generative
         self.gepc_weight = gepc_weight

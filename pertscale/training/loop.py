@@ -248,7 +248,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     stream = InputStream(loader, make_inputs, seed=tr.seed, rank=rank,
                          pin_memory=device.type == "cuda", work=work)
-    position = {**loader.state_dict()}  # of the last batch a step consumed
+    position = loader.state_dict()  # of the last batch a step consumed
     epoch_now = loader.epoch
     board = run.get("progress_board")
     if tr.fail_at_step >= 0 and board is None:
