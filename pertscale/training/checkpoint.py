@@ -22,11 +22,15 @@ the ZeRO shards and the loader's per-rank plan depend on them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import random
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +49,7 @@ __all__ = [
     "Progress",
     "capture_rng",
     "load_rank_state",
+    "local_checkpoint",
     "read_meta",
     "restore_rng",
     "save_rank_state",
@@ -167,6 +172,28 @@ def load_rank_state(ckpt_dir: Path, rank: int, *, engine) -> tuple[dict, dict, P
             f"checkpoint {ckpt_dir}: engine step {client_state.get('step')} != "
             f"progress step {progress.step} of rank {rank}")
     return loader_state, rng_state, progress
+
+
+@contextlib.contextmanager
+def local_checkpoint(checkpoint, rank: int) -> Iterator[Path]:
+    """A Ray checkpoint as a local folder for one rank to read, removed afterwards.
+
+    A checkpoint on the local filesystem is read in place. One in remote run storage (s3://...)
+    is downloaded into a folder of this rank's own, never Ray's `as_directory()`: that folder is
+    shared by every process on a node, and one rank's cleanup can remove it while another rank
+    waits for it ("Checkpoint directory ... does not exist, even though it should have been
+    created by another process")."""
+    import pyarrow.fs as pafs
+
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        yield Path(checkpoint.path)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"pertscale-restore-rank{rank}-"))
+    try:
+        checkpoint.to_directory(str(tmp))
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_meta(ckpt_dir: Path, meta: dict[str, Any]) -> None:

@@ -55,6 +55,7 @@ from pertscale.training.checkpoint import (
     Progress,
     capture_rng,
     load_rank_state,
+    local_checkpoint,
     read_meta,
     restore_rng,
     save_rank_state,
@@ -205,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     resumed_from = None
     if restored is not None:
-        with restored.as_directory() as ckpt_dir:
+        with local_checkpoint(restored, rank) as ckpt_dir:
             read_meta(Path(ckpt_dir), world_size=world, zero_stage=eng.zero_stage)
             loader_state, rng_state, progress = load_rank_state(Path(ckpt_dir), rank,
                                                                 engine=engine)
