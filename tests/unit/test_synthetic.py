@@ -52,7 +52,7 @@ def _labels(data) -> np.ndarray:
 @pytest.mark.parametrize("field, value", [
     ("n_genes", 5), ("control_fraction", 0.0), ("control_fraction", 1.0),
     ("activation_fraction", 1.5), ("dispersion_median", 0.0), ("hop_decay", -0.1),
-    ("embedding_dim", 0)])
+    ("embedding_dim", 0), ("response", "cascade"), ("cell_type_gene_sd", -1.0)])
 def test_config_rejects_out_of_range_values_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=field):
         SimulatorConfig(**{field: value})
@@ -194,6 +194,37 @@ def test_cell_types_differ_in_baseline_and_partly_in_response(data):
     singles = [c for c, g in enumerate(truth.condition_genes) if len(g) == 1]
     a, b = truth.lfc[singles, 0].ravel(), truth.lfc[singles, 1].ravel()
     assert 0.5 < np.corrcoef(a, b)[0, 1] < 0.999
+
+
+def test_program_responses_shift_whole_programs_alike_in_every_cell_type():
+    """response = "programs": a single moves its own program by sign x program_shift and the
+    programs its edges reach by sign x hop_decay x program_shift, the same in every type;
+    cell_type_gene_sd sets how far the types' gene baselines differ."""
+    cfg = SimulatorConfig(**SMALL, response="programs", cell_type_gene_sd=2.0, seed=0)
+    truth = build_ground_truth(cfg)
+    assert all(np.array_equal(truth.lfc[:, 0], truth.lfc[:, t]) for t in (1, 2))
+    common = cfg.common_response * (truth.program == 0)
+    checked = 0
+    for c, genes in enumerate(truth.condition_genes):
+        if len(genes) != 1:
+            continue
+        g, sign = genes[0], int(truth.condition_sign[c])
+        raw = np.arctanh(truth.lfc[c, 0] / cfg.max_lfc) * cfg.max_lfc
+        shift = np.where(truth.loading > 0, raw / np.maximum(truth.loading, 1e-9), 0.0) - common
+        others = np.arange(cfg.n_genes) != g
+        for k in range(cfg.n_programs):
+            members = (truth.program == k) & others
+            assert np.ptp(shift[members]) < 1e-3, (truth.conditions[c], k)
+            level = shift[members][0]
+            if k == truth.program[g]:
+                assert level == pytest.approx(sign * cfg.program_shift, abs=1e-3)
+            else:
+                assert min(abs(level), abs(abs(level) - cfg.hop_decay * cfg.program_shift)) < 1e-3
+        assert np.all(raw[truth.program < 0] == 0)  # background genes do not respond
+        checked += 1
+    assert checked == cfg.n_single_perturbations
+    spread = lambda t: (t.base_log - t.base_log.mean(0)).std()
+    assert spread(truth) > 3 * spread(build_ground_truth(cfg.replace(cell_type_gene_sd=0.2)))
 
 
 def test_empirical_fold_changes_follow_the_truth(data):

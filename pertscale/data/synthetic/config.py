@@ -12,9 +12,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pertscale.config import Config, ConfigError, check_range
+from pertscale.config import Config, ConfigError, check_choice, check_range
 
-__all__ = ["SimulatorConfig"]
+__all__ = ["RESPONSES", "SimulatorConfig"]
+
+RESPONSES = ("graph", "programs")
 
 
 @dataclasses.dataclass
@@ -48,6 +50,13 @@ class SimulatorConfig(Config):
     inhibition_lfc: float = 2.5  # on-target log-fold decrease of an inhibition (CRISPRi knockdown)
     interaction_fraction: float = 0.3  # doubles with a non-additive interaction term
     common_response: float = 0.3  # perturbation-generic (stress) response on program 0
+    response: str = "graph"  # graph: effects spread through the regulatory graph, partly
+                             # different per cell type (edge dropout); programs: a perturbation
+                             # shifts program activities (its own program by +-program_shift, the
+                             # programs its edges reach by sign x hop_decay x program_shift): the
+                             # cells move along the axes of co-variation their controls show, by
+                             # the same log-fold changes in every cell type
+    program_shift: float = 3.0  # activity shift of a perturbed gene's program (response=programs)
     # --- expression and counts ---
     library_size_median: float = 1000.0  # median UMIs per cell
     library_size_sd: float = 0.4  # sd of log library size (lognormal)
@@ -55,6 +64,7 @@ class SimulatorConfig(Config):
     dispersion_median: float = 0.3  # median negative-binomial dispersion (var = mu + disp * mu^2)
     program_activity_sd: float = 0.4  # sd of per-cell program activities (co-expression)
     cell_type_shift_sd: float = 0.8  # sd of cell-type program shifts in the baseline
+    cell_type_gene_sd: float = 0.2  # sd of cell-type gene-wise shifts in the baseline
     batch_effect_sd: float = 0.1  # sd of gene-wise batch shifts (natural log)
     # --- annotations and embeddings ---
     go_annotation_rate: float = 0.8  # probability a program gene is annotated to its program's term
@@ -88,12 +98,15 @@ class SimulatorConfig(Config):
         check_range("inhibition_lfc", self.inhibition_lfc, 0)
         check_range("interaction_fraction", self.interaction_fraction, 0, 1)
         check_range("common_response", self.common_response, 0)
+        check_choice("response", self.response, RESPONSES)
+        check_range("program_shift", self.program_shift, 0)
         check_range("library_size_median", self.library_size_median, 0, lo_open=True)
         check_range("library_size_sd", self.library_size_sd, 0, 3)
         check_range("expression_sd", self.expression_sd, 0, 5)
         check_range("dispersion_median", self.dispersion_median, 0, 100, lo_open=True)
         check_range("program_activity_sd", self.program_activity_sd, 0, 3)
         check_range("cell_type_shift_sd", self.cell_type_shift_sd, 0, 5)
+        check_range("cell_type_gene_sd", self.cell_type_gene_sd, 0, 5)
         check_range("batch_effect_sd", self.batch_effect_sd, 0, 3)
         check_range("go_annotation_rate", self.go_annotation_rate, 0, 1)
         check_range("go_noise_terms", self.go_noise_terms, 0, 100)

@@ -14,7 +14,10 @@ Generative model (natural log throughout; G genes, K programs, T cell types, C c
   for `n_hops` hops through the graph, decaying by `hop_decay` per hop beyond the first; a
   double adds both, and an interacting pair rescales (synergy / suppression) or adds a new
   program effect (neomorphic); every perturbation also gets a generic response on program 0;
-  effects saturate smoothly at +-max_lfc.
+  effects saturate smoothly at +-max_lfc. With `response = "programs"` the downstream effects
+  are shifts of program activities instead (`_program_shifts`), the same in every cell type:
+  the cells move along the programs' axes of co-variation, which their controls show, and the
+  responses differ between types only where counts compress them (a low baseline in log1p).
 
 `lfc[c, t]` is exact for the expected counts: cells of condition c and type t have expected
 counts `ctrl_mean[t] * exp(lfc[c, t])` (batch, library size and program activity are
@@ -182,8 +185,25 @@ def _design(cfg: SimulatorConfig, regulators: np.ndarray, rng: np.random.Generat
     return cond_genes, cond_sign
 
 
+def _program_shifts(cfg: SimulatorConfig, cond_genes, cond_sign, program: np.ndarray,
+                    graph: sp.csr_matrix) -> np.ndarray:
+    """[C, K] program-activity shifts of `response = "programs"`: a perturbed gene moves its own
+    program by sign x program_shift and each other program its edges reach by sign x (the sign
+    of its summed edge weight there) x hop_decay x program_shift; a double adds its genes'."""
+    shift_CK = np.zeros((len(cond_genes), cfg.n_programs), np.float32)
+    for c, genes in enumerate(cond_genes):
+        for g in genes:
+            row = graph.getrow(g)
+            reach = np.zeros(cfg.n_programs)
+            np.add.at(reach, program[row.indices], row.data)
+            step = np.sign(reach) * cfg.hop_decay
+            step[program[g]] = 1.0
+            shift_CK[c] += cond_sign[c] * cfg.program_shift * step
+    return shift_CK
+
+
 def _effects(cfg: SimulatorConfig, cond_genes, cond_sign, program, loading, adj_by_type,
-             rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
+             graph: sp.csr_matrix, rng: np.random.Generator) -> tuple[np.ndarray, list[str]]:
     C, G, T = len(cond_genes), cfg.n_genes, cfg.n_cell_types
     d0_CG = np.zeros((C, G), np.float32)
     for c, genes in enumerate(cond_genes):
@@ -204,8 +224,12 @@ def _effects(cfg: SimulatorConfig, cond_genes, cond_sign, program, loading, adj_
             extra_CG[c] = cond_sign[c] * rng.uniform(0.5, 1.0) * loading * (program == k)
     extra_CG[1:] += cfg.common_response * loading * (program == 0)
     lfc = np.zeros((C, T, G), np.float32)
+    if cfg.response == "programs":
+        shift_CK = _program_shifts(cfg, cond_genes, cond_sign, program, graph)
+        downstream_CG = np.where(program >= 0, shift_CK[:, np.maximum(program, 0)], 0.0) * loading
     for t in range(T):
-        downstream_CG = propagate(d0_CG, adj_by_type[t], cfg.n_hops, cfg.hop_decay) - d0_CG
+        if cfg.response == "graph":
+            downstream_CG = propagate(d0_CG, adj_by_type[t], cfg.n_hops, cfg.hop_decay) - d0_CG
         total_CG = d0_CG + scale[:, None] * downstream_CG + extra_CG
         lfc[:, t] = cfg.max_lfc * np.tanh(total_CG / cfg.max_lfc)
     lfc[0] = 0.0
@@ -231,14 +255,15 @@ def build_ground_truth(cfg: SimulatorConfig) -> GroundTruth:
     shift_TK = rng.normal(0.0, cfg.cell_type_shift_sd, (T, cfg.n_programs))
     base_TG = (rng.normal(0.0, cfg.expression_sd, G)[None]
                + np.where(program >= 0, shift_TK[:, program] * loading, 0.0)
-               + rng.normal(0.0, 0.2, (T, G)))
+               + rng.normal(0.0, cfg.cell_type_gene_sd, (T, G)))
     base_TG -= np.logaddexp.reduce(base_TG, axis=1, keepdims=True)  # log-proportions
     dispersion = (cfg.dispersion_median * np.exp(rng.normal(0.0, 0.5, G))).astype(np.float32)
     batch_shift = rng.normal(0.0, cfg.batch_effect_sd, (B, G)).astype(np.float32)
     batch_lib = np.exp(rng.normal(0.0, 2 * cfg.batch_effect_sd, B)).astype(np.float32)
 
     cond_genes, cond_sign = _design(cfg, regulators, rng)
-    lfc, interaction = _effects(cfg, cond_genes, cond_sign, program, loading, adj_by_type, rng)
+    lfc, interaction = _effects(cfg, cond_genes, cond_sign, program, loading, adj_by_type,
+                                _adjacency(src, dst, weight, G), rng)
     names = [CONTROL] + ["+".join(symbols[list(g)]) for g in cond_genes[1:]]
 
     # Expected control counts: E[library] * proportion * E[exp(program activity)] * batch mean.
