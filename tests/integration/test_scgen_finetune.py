@@ -9,11 +9,11 @@ perturbation's log-fold changes there are the same in every cell type but for dr
 and they do not follow the axes the controls vary along, so the other types' mean is close to
 the truth and the VAE has nothing to transfer. Where responses are shifts of program activities
 on types with their own gene baselines (`response = "programs"`, `cell_type_gene_sd`), scGen's
-premise holds and it beats the other types' mean (the third test). With scGen's own prediction
-("cells": shifted cells decoded, minus the observed control mean) the decoder's reconstruction
-error of the controls (MSE 0.11 against no change's 0.04) swamps the small graph effects
-(Pearson delta DE 0.05). On Kang, where the response is large, scGen beats both baselines
-(`pertscale bench scgen`)."""
+premise holds and it beats the other types' mean (`test_scgen_transfers_a_program_response...`).
+With scGen's own prediction ("cells": shifted cells decoded, minus the observed control mean)
+the decoder's reconstruction error of the controls (MSE 0.11 against no change's 0.04) swamps
+the small graph effects (Pearson delta DE 0.05). On Kang, where the response is large, scGen
+beats both baselines (`pertscale bench scgen`)."""
 
 from __future__ import annotations
 
